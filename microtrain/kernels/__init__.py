@@ -1,0 +1,1 @@
+"""Numba kernels by op family, forward and backward side by side."""
