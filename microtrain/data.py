@@ -181,7 +181,7 @@ class FolderDataset(Dataset):
         if not self.root.is_dir():
             raise DataError(f"{self.root}: not a directory")
         files, dirs = [], []
-        for dirpath, dirnames, filenames in os.walk(self.root):
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
             rel = Path(dirpath).relative_to(self.root).parts
             dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
             dirs.extend(rel + (d,) for d in dirnames)

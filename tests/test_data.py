@@ -79,6 +79,16 @@ def test_folder_lists_sorted_classes_and_items(tmp_path):
     assert open_dataset(root).items_per_class == ds.items_per_class  # stable
 
 
+def test_symlinked_class_folders_are_followed(tmp_path):
+    write_folder(tmp_path / "pool")
+    (tmp_path / "split").mkdir()
+    for c in ("cat", "dog"):
+        (tmp_path / "split" / c).symlink_to(tmp_path / "pool" / c, target_is_directory=True)
+    ds = open_dataset(tmp_path / "split")
+    assert ds.classes == ["cat", "dog"] and len(ds) == 5
+    assert ds.load("dog/x.png", R).shape == (3, R, R)
+
+
 def test_zip_with_top_folder_macosx_and_dotfiles(tmp_path):
     img = png_bytes(_rgb(0))
     path = write_zip(tmp_path / "ds.zip", {
