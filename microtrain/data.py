@@ -62,7 +62,8 @@ class DataError(ValueError):
 class Dataset:
     """Base class: ``classes`` (sorted names), ``items_per_class`` (cheap item references).
 
-    Subclasses implement ``_decode(item) -> uint8 (H, W, 3)`` and ``describe(item) -> str``.
+    Subclasses implement ``_decode(item, resolution) -> uint8 (H, W, 3)`` (the resolution is
+    only a decoding hint) and ``describe(item) -> str``.
     """
 
     source: str
@@ -133,11 +134,12 @@ def _group_by_class(files: Iterable[tuple[str, ...]], dirs: Iterable[tuple[str, 
     Images deeper inside a class folder belong to that class; loose images beside the class
     folders are ignored.
     """
-    files = [f for f in files if not any(_hidden(p) for p in f) and _is_image_name(f[-1])]
+    files = [f for f in files if not any(_hidden(p) for p in f)]
     all_dirs = {d for d in dirs if d and not any(_hidden(p) for p in d)}
-    for f in files:  # parents implied by the files
+    for f in files:  # parents implied by any file (zips need not list folders)
         for k in range(1, len(f)):
             all_dirs.add(f[:k])
+    files = [f for f in files if _is_image_name(f[-1])]
 
     prefix: tuple[str, ...] = ()
     while True:

@@ -298,6 +298,13 @@ def test_class_folder_without_images(tmp_path):
         open_dataset(root)
 
 
+def test_zip_class_folder_without_images(tmp_path):
+    img = png_bytes(_rgb(0))
+    path = write_zip(tmp_path / "d.zip", {"a/1.png": img, "b/1.png": img, "c/notes.txt": b"x"})
+    with pytest.raises(DataError, match=r"d\.zip: class folder c/ has no images"):
+        open_dataset(path)
+
+
 def test_images_without_class_folders(tmp_path):
     (tmp_path / "flat").mkdir()
     Image.fromarray(_rgb(0)).save(tmp_path / "flat" / "a.png")
