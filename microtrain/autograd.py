@@ -1,0 +1,779 @@
+"""The tape: ops with forward and backward side by side, a graph of them, and its executor.
+
+Build a graph from ops on NumPy parameters, say what is trained with a ``Selection``, and run::
+
+    g = Graph()
+    x = g.input("x", (1, 8, 16, 16))
+    h = g.relu6(g.pointwise(x, w1, b1, name="pw1"))       # w1 (16, 8, 1, 1) float32
+    h = g.depthwise(h, w2, b2, stride=1, name="dw")         # w2 (16, 1, 3, 3)
+    z = g.l2_normalize(g.global_avg_pool(h))
+    loss = g.cross_entropy(g.cosine_logits(z, g.input("prototypes", (5, 16)), scale=10.0),
+                           g.input("labels", (1,), np.int64))
+    run = Executor(g, Selection({"dw": LayerUpdate.channels([0, 3])}))
+    run.forward({"x": x_array, "prototypes": protos, "labels": labels})
+    run.backward()
+    dw, db = run.grad("dw")     # compact: (2, 1, 3, 3) and (2,), rows of channels 0 and 3
+
+The graph's node order is its tape (a valid topological order). Backward walks it in reverse:
+a value used twice (the residual add) sums its gradients; input gradients are computed only for
+values that something trainable (or observed) lies behind, so the backward pass stops at the
+earliest trained layer and nothing before it is kept. Every buffer the executor touches is a view
+into one planned arena (``microtrain.memory``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import numpy as np
+
+from . import memory
+from .kernels import conv as kconv
+from .kernels import depthwise as kdw
+from .kernels import elementwise as kew
+from .kernels import head as khead
+from .kernels import pointwise as kpw
+from .selection import LayerUpdate, Selection
+
+F32 = np.dtype(np.float32)
+
+
+class GraphError(ValueError):
+    """A graph or selection that cannot be built or run; the message names the node and shapes."""
+
+
+@dataclass(frozen=True)
+class Keep:
+    """A saved-for-backward entry that is an existing value kept alive (no copy)."""
+
+    input: int | None = None  # keep this input of the node; None means keep the node's output
+
+
+KEEP_OUTPUT = Keep(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops. Each declares its output shape, what its backward needs kept (``saved``), scratch needed
+# during forward (``workspace``), and the three passes. Buffers are given; ops never allocate.
+# ---------------------------------------------------------------------------------------------
+
+
+class Op:
+    kind = "op"
+    has_params = False
+    inplace = False  # output may overwrite input 0, and input 0's gradient the output's gradient
+
+    def out_shape(self, node, shapes):
+        return shapes[0]
+
+    def out_dtype(self, node):
+        return F32
+
+    def saved(self, node, shapes, upd: LayerUpdate | None) -> dict:
+        """What backward reads: name -> Keep(...) or (shape, dtype) for a copy made in forward."""
+        return {}
+
+    def workspace(self, node, shapes) -> dict:
+        """Scratch the forward needs: name -> (shape, dtype). A saved entry of the same name wins."""
+        return {}
+
+    def forward(self, node, out, ins, scratch, save: bool):
+        """Write ``out``. ``scratch`` holds the workspace and saved buffers by name; the saved
+        copies are filled only when ``save`` (a training forward)."""
+        raise NotImplementedError
+
+    def backward_input(self, node, dxs, dy, saved):
+        """Write the gradient of every input whose ``dxs[k]`` is not None (overwrite)."""
+        raise NotImplementedError
+
+    def backward_weight(self, node, dw, db, dy, saved, upd: LayerUpdate):
+        raise NotImplementedError
+
+
+class _WeightedOp(Op):
+    """Conv-like ops: weight rows per output channel, a bias, input kept only to train weights."""
+
+    has_params = True
+
+    def saved(self, node, shapes, upd):
+        return {"x": Keep(0)} if upd is not None and upd.trains_weight else {}
+
+    def backward_weight(self, node, dw, db, dy, saved, upd):
+        if dw is not None:
+            self.weight_grad(node, dw, dy, saved, upd.weight)
+        if db is not None:
+            kew.bias_backward(db, dy if dy.ndim == 4 else dy.reshape(dy.shape + (1, 1)), upd.bias)
+
+
+class Conv2d(_WeightedOp):
+    kind = "conv"
+
+    def __init__(self, stride: int, groups: int = 1):
+        self.stride, self.groups = stride, groups
+
+    def out_shape(self, node, shapes):
+        n, _, h, w = shapes[0]
+        k = node.weight.shape[-1]
+        return (n, node.weight.shape[0], _out_size(h, k, self.stride), _out_size(w, k, self.stride))
+
+    def forward(self, node, out, ins, scratch, save):
+        kconv.conv2d_forward(out, ins[0], node.weight, node.bias, self.stride, self.groups)
+
+    def backward_input(self, node, dxs, dy, saved):
+        kconv.conv2d_backward_input(dxs[0], dy, node.weight, self.stride, self.groups)
+
+    def weight_grad(self, node, dw, dy, saved, channels):
+        kconv.conv2d_backward_weight(dw, dy, saved["x"], self.stride, self.groups, channels)
+
+
+class Depthwise(_WeightedOp):
+    kind = "depthwise"
+
+    def __init__(self, stride: int):
+        self.stride = stride
+
+    def out_shape(self, node, shapes):
+        n, c, h, w = shapes[0]
+        k = node.weight.shape[-1]
+        return (n, c, _out_size(h, k, self.stride), _out_size(w, k, self.stride))
+
+    def saved(self, node, shapes, upd):
+        # The weight gradient of channel c reads input channel c only: keep just the selected ones.
+        if upd is None or not upd.trains_weight:
+            return {}
+        if upd.covers_all(node.weight.shape[0]):
+            return {"x": Keep(0)}
+        n, _, h, w = shapes[0]
+        return {"x_sel": ((n, len(upd.weight), h, w), F32)}
+
+    def forward(self, node, out, ins, scratch, save):
+        kdw.depthwise_forward(out, ins[0], node.weight, node.bias, self.stride)
+        if save and "x_sel" in scratch:
+            np.take(ins[0], node.update.weight, axis=1, out=scratch["x_sel"])
+
+    def backward_input(self, node, dxs, dy, saved):
+        kdw.depthwise_backward_input(dxs[0], dy, node.weight, self.stride)
+
+    def weight_grad(self, node, dw, dy, saved, channels):
+        x_sel = saved["x_sel"] if "x_sel" in saved else saved["x"]
+        kdw.depthwise_backward_weight(dw, dy, x_sel, self.stride, channels)
+
+
+class Pointwise(_WeightedOp):
+    kind = "pointwise"
+
+    def out_shape(self, node, shapes):
+        n, _, h, w = shapes[0]
+        return (n, node.weight.shape[0], h, w)
+
+    def forward(self, node, out, ins, scratch, save):
+        kpw.pointwise_forward(out, ins[0], node.weight, node.bias)
+
+    def backward_input(self, node, dxs, dy, saved):
+        kpw.pointwise_backward_input(dxs[0], dy, node.weight)
+
+    def weight_grad(self, node, dw, dy, saved, channels):
+        kpw.pointwise_backward_weight(dw, dy, saved["x"], channels)
+
+
+class Linear(_WeightedOp):
+    kind = "linear"
+
+    def out_shape(self, node, shapes):
+        return (shapes[0][0], node.weight.shape[0])
+
+    def forward(self, node, out, ins, scratch, save):
+        kpw.linear_forward(out, ins[0], node.weight, node.bias)
+
+    def backward_input(self, node, dxs, dy, saved):
+        kpw.linear_backward_input(dxs[0], dy, node.weight)
+
+    def weight_grad(self, node, dw, dy, saved, channels):
+        kpw.linear_backward_weight(dw, dy, saved["x"], channels)
+
+
+class ReLU6(Op):
+    kind = "relu6"
+    inplace = True
+
+    def saved(self, node, shapes, upd):
+        # One bit per element says whether the gradient passes (0 < x < 6).
+        return {"mask": (((int(np.prod(shapes[0])) + 7) // 8,), np.dtype(np.uint8))}
+
+    def forward(self, node, out, ins, scratch, save):
+        if save and "mask" in scratch:
+            kew.relu6_forward_save_mask(out, scratch["mask"], ins[0])
+        else:
+            kew.relu6_forward(out, ins[0])
+
+    def backward_input(self, node, dxs, dy, saved):
+        kew.relu6_backward(dxs[0], dy, saved["mask"])
+
+
+class Add(Op):
+    kind = "add"
+    inplace = True
+
+    def forward(self, node, out, ins, scratch, save):
+        kew.add_forward(out, ins[0], ins[1])
+
+    def backward_input(self, node, dxs, dy, saved):
+        for dx in dxs:
+            if dx is not None and dx is not dy:
+                np.copyto(dx, dy)
+
+
+class GlobalAvgPool(Op):
+    kind = "global_avg_pool"
+
+    def out_shape(self, node, shapes):
+        return shapes[0][:2]
+
+    def forward(self, node, out, ins, scratch, save):
+        kew.global_avg_pool_forward(out, ins[0])
+
+    def backward_input(self, node, dxs, dy, saved):
+        kew.global_avg_pool_backward(dxs[0], dy)
+
+
+class AvgPool(Op):
+    kind = "avg_pool"
+
+    def __init__(self, factor: int):
+        self.factor = factor
+
+    def out_shape(self, node, shapes):
+        n, c, h, w = shapes[0]
+        if h % self.factor or w % self.factor:
+            raise GraphError(f"{node.name}: avg_pool by {self.factor} needs a divisible map, got {shapes[0]}")
+        return (n, c, h // self.factor, w // self.factor)
+
+    def forward(self, node, out, ins, scratch, save):
+        kew.avg_pool_forward(out, ins[0], self.factor)
+
+    def backward_input(self, node, dxs, dy, saved):
+        kew.avg_pool_backward(dxs[0], dy, self.factor)
+
+
+class Upsample(Op):
+    kind = "upsample"
+
+    def __init__(self, factor: int):
+        self.factor = factor
+
+    def out_shape(self, node, shapes):
+        n, c, h, w = shapes[0]
+        return (n, c, h * self.factor, w * self.factor)
+
+    def forward(self, node, out, ins, scratch, save):
+        kew.upsample_nearest_forward(out, ins[0], self.factor)
+
+    def backward_input(self, node, dxs, dy, saved):
+        kew.upsample_nearest_backward(dxs[0], dy, self.factor)
+
+
+class L2Normalize(Op):
+    kind = "l2_normalize"
+
+    def workspace(self, node, shapes):
+        return {"norms": ((shapes[0][0],), F32)}
+
+    def saved(self, node, shapes, upd):
+        return {"out": KEEP_OUTPUT, "norms": ((shapes[0][0],), F32)}
+
+    def forward(self, node, out, ins, scratch, save):
+        khead.l2_normalize_forward(out, scratch["norms"], ins[0])
+
+    def backward_input(self, node, dxs, dy, saved):
+        khead.l2_normalize_backward(dxs[0], dy, saved["out"], saved["norms"])
+
+
+class CosineLogits(Op):
+    """Scaled cosine similarity of normalised embeddings to constant (normalised) prototypes."""
+
+    kind = "cosine_logits"
+
+    def __init__(self, scale: float):
+        self.scale = float(scale)
+
+    def out_shape(self, node, shapes):
+        return (shapes[0][0], shapes[1][0])
+
+    def saved(self, node, shapes, upd):
+        return {"protos": Keep(1)}
+
+    def forward(self, node, out, ins, scratch, save):
+        khead.cosine_logits_forward(out, ins[0], ins[1], self.scale)
+
+    def backward_input(self, node, dxs, dy, saved):
+        if dxs[1] is not None:
+            raise GraphError(f"{node.name}: prototypes are constants and take no gradient")
+        khead.cosine_logits_backward(dxs[0], dy, saved["protos"], self.scale)
+
+
+class CrossEntropy(Op):
+    """Mean softmax cross-entropy over the batch; the output is a scalar."""
+
+    kind = "cross_entropy"
+
+    def out_shape(self, node, shapes):
+        return ()
+
+    def workspace(self, node, shapes):
+        return {"probs": (shapes[0], F32)}
+
+    def saved(self, node, shapes, upd):
+        return {"probs": (shapes[0], F32), "labels": Keep(1)}
+
+    def forward(self, node, out, ins, scratch, save):
+        out[()] = khead.softmax_cross_entropy_forward(scratch["probs"], ins[0], ins[1])
+
+    def backward_input(self, node, dxs, dy, saved):
+        # The loss is the last node and its upstream gradient is the seed 1.0.
+        khead.softmax_cross_entropy_backward(dxs[0], saved["probs"], saved["labels"])
+        if float(dy) != 1.0:
+            dxs[0] *= dy
+
+
+def _out_size(size: int, kernel: int, stride: int) -> int:
+    return (size + 2 * ((kernel - 1) // 2) - kernel) // stride + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The graph (the tape)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Value:
+    id: int
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    producer: int | None  # node index; None for a graph input
+
+
+@dataclass
+class Node:
+    index: int
+    name: str
+    op: Op
+    inputs: list[int]
+    output: int
+    weight: np.ndarray | None = None
+    bias: np.ndarray | None = None
+    update: LayerUpdate | None = field(default=None, repr=False)  # set by the executor
+
+
+class Graph:
+    """Values of known shape and the nodes that produce them, in execution order."""
+
+    def __init__(self):
+        self.values: list[Value] = []
+        self.nodes: list[Node] = []
+        self._names: dict[str, int] = {}
+
+    # -- construction ---------------------------------------------------------------------------
+    def input(self, name: str, shape: Iterable[int], dtype=np.float32) -> Value:
+        return self._value(name, tuple(int(s) for s in shape), np.dtype(dtype), None)
+
+    def _value(self, name, shape, dtype, producer) -> Value:
+        v = Value(len(self.values), name, shape, dtype, producer)
+        self.values.append(v)
+        return v
+
+    def _add(self, op: Op, inputs: list[Value], name: str | None, weight=None, bias=None) -> Value:
+        name = name or f"{op.kind}.{len(self.nodes)}"
+        if name in self._names:
+            raise GraphError(f"two nodes named {name!r}")
+        if weight is not None:
+            weight = _param(name, "weight", weight)
+            bias = _param(name, "bias", bias if bias is not None else np.zeros(weight.shape[0], F32))
+            if bias.shape != (weight.shape[0],):
+                raise GraphError(f"{name}: bias {bias.shape} does not match weight {weight.shape}")
+        node = Node(len(self.nodes), name, op, [v.id for v in inputs], -1, weight, bias)
+        try:
+            shape = tuple(op.out_shape(node, [v.shape for v in inputs]))
+        except (IndexError, ValueError) as exc:
+            raise GraphError(f"{name}: cannot apply {op.kind} to {[v.shape for v in inputs]}: {exc}") from None
+        out = self._value(name, shape, op.out_dtype(node), node.index)
+        node.output = out.id
+        self.nodes.append(node)
+        self._names[name] = node.index
+        return out
+
+    def conv2d(self, x, weight, bias=None, stride=1, groups=1, name=None):
+        _expect(name, x, 4, "conv2d")
+        return self._add(Conv2d(stride, groups), [x], name, weight, bias)
+
+    def depthwise(self, x, weight, bias=None, stride=1, name=None):
+        _expect(name, x, 4, "depthwise")
+        return self._add(Depthwise(stride), [x], name, weight, bias)
+
+    def pointwise(self, x, weight, bias=None, name=None):
+        _expect(name, x, 4, "pointwise")
+        return self._add(Pointwise(), [x], name, weight, bias)
+
+    def linear(self, x, weight, bias=None, name=None):
+        _expect(name, x, 2, "linear")
+        return self._add(Linear(), [x], name, weight, bias)
+
+    def relu6(self, x, name=None):
+        return self._add(ReLU6(), [x], name)
+
+    def add(self, a, b, name=None):
+        if a.shape != b.shape:
+            raise GraphError(f"{name or 'add'}: shapes {a.shape} and {b.shape} differ")
+        return self._add(Add(), [a, b], name)
+
+    def global_avg_pool(self, x, name=None):
+        _expect(name, x, 4, "global_avg_pool")
+        return self._add(GlobalAvgPool(), [x], name)
+
+    def avg_pool(self, x, factor, name=None):
+        return self._add(AvgPool(factor), [x], name)
+
+    def upsample(self, x, factor, name=None):
+        return self._add(Upsample(factor), [x], name)
+
+    def l2_normalize(self, x, name=None):
+        _expect(name, x, 2, "l2_normalize")
+        return self._add(L2Normalize(), [x], name)
+
+    def cosine_logits(self, z, prototypes, scale, name=None):
+        if z.shape[1] != prototypes.shape[1]:
+            raise GraphError(f"{name or 'cosine_logits'}: embeddings {z.shape} vs prototypes {prototypes.shape}")
+        return self._add(CosineLogits(scale), [z, prototypes], name)
+
+    def cross_entropy(self, logits, labels, name=None):
+        if labels.shape != (logits.shape[0],) or labels.dtype != np.int64:
+            raise GraphError(f"{name or 'cross_entropy'}: labels must be int64 {(logits.shape[0],)}, "
+                             f"got {labels.dtype} {labels.shape}")
+        return self._add(CrossEntropy(), [logits, labels], name)
+
+    # -- lookup -----------------------------------------------------------------------------------
+    def node(self, name: str) -> Node:
+        if name not in self._names:
+            raise GraphError(f"no layer named {name!r}")
+        return self.nodes[self._names[name]]
+
+    def value(self, name_or_value) -> Value:
+        if isinstance(name_or_value, Value):
+            return name_or_value
+        for v in self.values:
+            if v.name == name_or_value and v.producer is None:
+                return v
+        return self.values[self.node(name_or_value).output]
+
+    @property
+    def inputs(self) -> list[Value]:
+        return [v for v in self.values if v.producer is None]
+
+    def trainable_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.op.has_params]
+
+
+def _param(node_name, part, array) -> np.ndarray:
+    if not isinstance(array, np.ndarray) or array.dtype != F32 or not array.flags.c_contiguous:
+        raise GraphError(f"{node_name}.{part} must be a C-contiguous float32 array, got "
+                         f"{getattr(array, 'dtype', type(array).__name__)}")
+    return array
+
+
+def _expect(name, x: Value, rank: int, op: str):
+    if len(x.shape) != rank:
+        raise GraphError(f"{name or op}: {op} takes a rank-{rank} input, got {x.shape}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifetime analysis: which buffers a (graph, selection) needs and from which step to which step.
+# Steps: forward of node i is step i; its backward is step 2F-1-i; the optimizer is step 2F.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _NodeBuffers:
+    """Buffer names one node reads and writes, resolved to arrays by the executor."""
+
+    out: str
+    ins: list[str]
+    saved: dict[str, str] = field(default_factory=dict)  # what backward reads
+    work: dict[str, str] = field(default_factory=dict)  # forward scratch (overlaid by saved)
+    dy: str | None = None
+    dxs: list[str | None] = field(default_factory=list)
+    accumulate: list[tuple[str, str]] = field(default_factory=list)  # (gradient, scratch) pairs
+    dw: str | None = None
+    db: str | None = None
+    runs_backward: bool = False
+
+
+class Program:
+    """The graph compiled for one selection: per-node buffer names and the memory plan."""
+
+    def __init__(self, graph: Graph, selection: Selection, momentum: bool = False,
+                 observe: Iterable[str] = ()):
+        self.graph, self.selection, self.momentum = graph, selection, momentum
+        self.observe = set(observe)
+        self.updates: dict[int, LayerUpdate] = {}
+        for name, upd in selection.layers.items():
+            node = graph.node(name)
+            if not node.op.has_params:
+                raise GraphError(f"{name} has no parameters to train")
+            _check_channels(node, upd)
+            self.updates[node.index] = upd
+        for name in self.observe:
+            graph.node(name)
+        self._analyse()
+
+    # Which values need a gradient: those with a trained or observed node at or behind them.
+    def _needs_grad(self) -> list[bool]:
+        need = [False] * len(self.graph.values)
+        for node in self.graph.nodes:
+            need[node.output] = (node.index in self.updates or node.name in self.observe
+                                 or any(need[v] for v in node.inputs))
+        return need
+
+    def _analyse(self):
+        g = self.graph
+        F = len(g.nodes)
+        fwd = lambda i: i  # noqa: E731
+        bwd = lambda i: 2 * F - 1 - i  # noqa: E731
+        opt = 2 * F
+        need = self.needs_grad = self._needs_grad()
+        buffers: list[memory.Buffer] = []
+        by_name: dict[str, memory.Buffer] = {}
+        self.steps = [n.name for n in g.nodes] + [f"backward {n.name}" for n in reversed(g.nodes)] + ["optimizer"]
+
+        def new(name, category, shape, dtype, start, end):
+            by_name[name] = memory.Buffer(name, category, tuple(shape), np.dtype(dtype), start, end)
+            buffers.append(by_name[name])
+            return name
+
+        # Uses of each value: its forward consumers, and backward steps that keep it.
+        last_use = [0 if v.producer is None else fwd(v.producer) for v in g.values]
+        consumers: list[list[tuple[int, int]]] = [[] for _ in g.values]
+        for node in g.nodes:
+            for k, v in enumerate(node.inputs):
+                last_use[v] = max(last_use[v], fwd(node.index))
+                consumers[v].append((node.index, k))
+        saved_specs = {}
+        for node in g.nodes:
+            shapes = [g.values[v].shape for v in node.inputs]
+            if not need[node.output]:
+                continue
+            spec = node.op.saved(node, shapes, self.updates.get(node.index))
+            saved_specs[node.index] = spec
+            for item in spec.values():
+                if isinstance(item, Keep):
+                    v = node.output if item.input is None else node.inputs[item.input]
+                    last_use[v] = max(last_use[v], bwd(node.index))
+            if node.name in self.observe:
+                last_use[node.output] = max(last_use[node.output], bwd(node.index))
+        for v in g.values:  # graph outputs are read when the forward ends
+            if not consumers[v.id] and v.producer is not None:
+                last_use[v.id] = max(last_use[v.id], F - 1)
+
+        # Activation storage; an in-place op takes over an input that nothing needs afterwards.
+        storage: dict[int, str] = {}
+        for v in g.inputs:
+            storage[v.id] = new(f"input:{v.name}", memory.TRANSIENT, v.shape, v.dtype, 0, last_use[v.id])
+        for node in g.nodes:
+            out = g.values[node.output]
+            target = None
+            if node.op.inplace:
+                for v in node.inputs:
+                    src = g.values[v]
+                    if (last_use[v] == fwd(node.index) and src.producer is not None
+                            and src.shape == out.shape and src.dtype == out.dtype
+                            and node.inputs.count(v) == 1):
+                        target = storage[v]
+                        break
+            if target is None:
+                storage[out.id] = new(f"act:{out.name}", memory.TRANSIENT, out.shape, out.dtype,
+                                      fwd(node.index), last_use[out.id])
+            else:
+                storage[out.id] = target
+        for v in g.values:
+            buf = by_name[storage[v.id]]
+            buf.end = max(buf.end, last_use[v.id])
+        for buf in buffers:
+            if buf.end >= F:  # kept across the forward/backward boundary
+                buf.category = memory.SAVED
+
+        # Per node: forward buffers, saved copies, gradients.
+        plan_nodes: list[_NodeBuffers] = []
+        for node in g.nodes:
+            nb = _NodeBuffers(out=storage[node.output], ins=[storage[v] for v in node.inputs])
+            shapes = [g.values[v].shape for v in node.inputs]
+            spec = saved_specs.get(node.index, {})
+            for key, item in spec.items():
+                if isinstance(item, Keep):
+                    nb.saved[key] = storage[node.output] if item.input is None else storage[node.inputs[item.input]]
+                else:
+                    shape, dtype = item
+                    nb.saved[key] = new(f"saved:{node.name}:{key}", memory.SAVED, shape, dtype,
+                                        fwd(node.index), bwd(node.index))
+            for key, (shape, dtype) in node.op.workspace(node, shapes).items():
+                if key not in nb.saved:
+                    nb.work[key] = new(f"work:{node.name}:{key}", memory.TRANSIENT, shape, dtype,
+                                       fwd(node.index), fwd(node.index))
+            nb.runs_backward = need[node.output]
+            plan_nodes.append(nb)
+
+        # Gradients of values: the first contributor in backward order writes, later ones add.
+        grad: dict[int, str] = {}
+        for node in reversed(g.nodes):
+            nb = plan_nodes[node.index]
+            if not nb.runs_backward:
+                continue
+            out = g.values[node.output]
+            if node.output not in grad:  # the loss: seeded with 1.0 at the start of backward
+                grad[node.output] = new(f"grad:{out.name}", memory.TRANSIENT, out.shape, out.dtype,
+                                        bwd(node.index), bwd(node.index))
+            nb.dy = grad[node.output]
+            nb.dxs = [None] * len(node.inputs)
+            for k, v in enumerate(node.inputs):
+                if not need[v]:
+                    continue
+                val = g.values[v]
+                if v in grad:
+                    scratch = new(f"grad-part:{node.name}:{k}", memory.TRANSIENT, val.shape, val.dtype,
+                                  bwd(node.index), bwd(node.index))
+                    nb.dxs[k] = scratch
+                    nb.accumulate.append((grad[v], scratch))
+                    continue
+                sole = len(consumers[v]) == 1
+                if node.op.inplace and k == 0 and sole and val.shape == out.shape:
+                    grad[v] = nb.dy  # write the input gradient over the output gradient
+                    by_name[nb.dy].end = bwd(val.producer)
+                else:
+                    grad[v] = new(f"grad:{val.name}", memory.TRANSIENT, val.shape, val.dtype,
+                                  bwd(node.index), bwd(val.producer))
+                nb.dxs[k] = grad[v]
+            upd = self.updates.get(node.index)
+            if upd is not None:
+                w = node.weight
+                if upd.trains_weight:
+                    rows = (len(upd.weight),) + w.shape[1:]
+                    nb.dw = new(f"wgrad:{node.name}", memory.GRADIENTS, rows, F32, bwd(node.index), opt)
+                    new(f"master:{node.name}:weight", memory.WEIGHTS, rows, F32, 0, opt)
+                    if self.momentum:
+                        new(f"momentum:{node.name}:weight", memory.GRADIENTS, rows, F32, 0, opt)
+                if upd.trains_bias:
+                    rows = (len(upd.bias),)
+                    nb.db = new(f"bgrad:{node.name}", memory.GRADIENTS, rows, F32, bwd(node.index), opt)
+                    new(f"master:{node.name}:bias", memory.WEIGHTS, rows, F32, 0, opt)
+                    if self.momentum:
+                        new(f"momentum:{node.name}:bias", memory.GRADIENTS, rows, F32, 0, opt)
+        self.grad_of = grad
+        self.storage_of = storage
+        self.nodes = plan_nodes
+        self.plan = memory.Plan(buffers, self.steps)
+
+
+def _check_channels(node: Node, upd: LayerUpdate):
+    out_channels = node.weight.shape[0]
+    for part in ("weight", "bias"):
+        idx = getattr(upd, part)
+        if idx is not None and len(idx) and (idx[0] < 0 or idx[-1] >= out_channels):
+            raise GraphError(f"{node.name}: {part} channels {idx.tolist()} out of range for "
+                             f"{out_channels} output channels")
+
+
+# ---------------------------------------------------------------------------------------------
+# The executor: runs the program with every buffer a view into one arena
+# ---------------------------------------------------------------------------------------------
+
+
+class Executor:
+    """Forward, backward and the trainable state of one graph under one selection."""
+
+    def __init__(self, graph: Graph, selection: Selection | None = None, *, momentum: bool = False,
+                 observe: Iterable[str] = (), use_arena: bool = True):
+        self.graph = graph
+        self.program = Program(graph, selection or Selection(), momentum, observe)
+        self.plan = self.program.plan
+        self.arena = np.zeros(self.plan.arena_bytes, np.uint8) if use_arena else None
+        self.buffers = self.plan.views(self.arena)
+        for node in graph.nodes:
+            node.update = self.program.updates.get(node.index)
+        self._resolved = [self._resolve(nb) for nb in self.program.nodes]
+        self.load_trainable()
+
+    def _resolve(self, nb: _NodeBuffers):
+        get = lambda name: None if name is None else self.buffers[name]  # noqa: E731
+        saved = {k: get(v) for k, v in nb.saved.items()}
+        scratch = {**{k: get(v) for k, v in nb.work.items()}, **saved}
+        return dict(out=get(nb.out), ins=[get(n) for n in nb.ins], saved=saved, scratch=scratch,
+                    dy=get(nb.dy), dxs=[get(n) for n in nb.dxs],
+                    accumulate=[(get(a), get(b)) for a, b in nb.accumulate],
+                    dw=get(nb.dw), db=get(nb.db), runs_backward=nb.runs_backward)
+
+    # -- trainable state --------------------------------------------------------------------------
+    def trained(self) -> list[tuple[Node, LayerUpdate]]:
+        return [(self.graph.nodes[i], u) for i, u in self.program.updates.items()]
+
+    def master(self, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The arena's copies of the trained weight rows and bias entries of a layer."""
+        return self.buffers.get(f"master:{name}:weight"), self.buffers.get(f"master:{name}:bias")
+
+    def momentum(self, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return self.buffers.get(f"momentum:{name}:weight"), self.buffers.get(f"momentum:{name}:bias")
+
+    def load_trainable(self):
+        """Copy the trained rows of every selected layer into the arena and zero the momentum."""
+        for node, upd in self.trained():
+            w, b = self.master(node.name)
+            if w is not None:
+                np.take(node.weight, upd.weight, axis=0, out=w)
+            if b is not None:
+                np.take(node.bias, upd.bias, axis=0, out=b)
+            for m in self.momentum(node.name):
+                if m is not None:
+                    m.fill(0)
+
+    def grad(self, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Compact gradients of a trained layer: (len(weight channels), ...) and (len(bias channels),)."""
+        r = self._resolved[self.graph.node(name).index]
+        return r["dw"], r["db"]
+
+    # -- passes -----------------------------------------------------------------------------------
+    def value(self, v) -> np.ndarray:
+        """The buffer holding a value (valid until something else is planned over it)."""
+        return self.buffers[self.program.storage_of[self.graph.value(v).id]]
+
+    def forward(self, feeds: dict, train: bool = True):
+        """Run every node. ``train=False`` skips what only backward needs. Returns the loss (a float)
+        when the graph ends in one, else the last node's output buffer."""
+        for key, array in feeds.items():
+            v = self.graph.value(key)
+            array = np.asarray(array)
+            if array.shape != v.shape or array.dtype != v.dtype:
+                raise GraphError(f"input {v.name!r} must be {v.dtype} {v.shape}, got {array.dtype} {array.shape}")
+            np.copyto(self.value(v), array)
+        for node, r in zip(self.graph.nodes, self._resolved):
+            node.op.forward(node, r["out"], r["ins"], r["scratch"], train)
+        last = self.graph.nodes[-1]
+        out = self._resolved[-1]["out"]
+        return float(out) if isinstance(last.op, CrossEntropy) else out
+
+    def backward(self, on_output_grad: Callable | None = None):
+        """Walk the tape in reverse from the loss. ``on_output_grad(node, activation, gradient)`` is
+        called for every observed node before its own backward (the Fisher potential uses it)."""
+        nodes, resolved = self.graph.nodes, self._resolved
+        if not resolved[-1]["runs_backward"]:
+            return  # nothing is trained or observed
+        resolved[-1]["dy"][()] = 1.0
+        for node in reversed(nodes):
+            r = resolved[node.index]
+            if not r["runs_backward"]:
+                continue
+            if on_output_grad is not None and node.name in self.program.observe:
+                on_output_grad(node, r["out"], r["dy"])
+            if node.update is not None:
+                node.op.backward_weight(node, r["dw"], r["db"], r["dy"], r["saved"], node.update)
+            if any(dx is not None for dx in r["dxs"]):
+                node.op.backward_input(node, r["dxs"], r["dy"], r["saved"])
+                for total, part in r["accumulate"]:
+                    kew.accumulate(total, part)
+

@@ -1,0 +1,220 @@
+"""MBConv networks (MCUNet, MobileNetV2, ProxylessNAS) built from an architecture description.
+
+The architecture is the JSON stored in a weight file (``weights/README.md``)::
+
+    {"name", "resolution", "in_channels",
+     "first_conv": {"out", "kernel", "stride"},
+     "blocks": [{"expand": hidden or null, "kernel", "stride", "out", "residual"}, ...],
+     "feature_mix": null or {"out"}}
+
+Layer names are stable and are what a user puts in a selection: ``first_conv``,
+``blocks.{b}.expand``, ``blocks.{b}.depthwise``, ``blocks.{b}.project``, ``feature_mix``.
+ReLU6 follows ``first_conv``, every ``expand``, every ``depthwise`` and ``feature_mix``; nothing
+follows ``project`` or the residual add. The conv index (0 = first_conv, then in order) is the
+convention of the SparseUpdate configurations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .autograd import Graph, Value
+
+
+@dataclass(frozen=True)
+class ConvLayer:
+    """One convolution of the network, with its shapes and costs at the model resolution."""
+
+    index: int  # conv index: 0 = first_conv, then in execution order
+    name: str
+    kind: str  # 'conv' (full, k x k), 'pointwise' (1x1) or 'depthwise'
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int
+    in_size: int  # square input map side
+    out_size: int
+    relu6: bool  # a ReLU6 follows
+
+    @property
+    def groups(self) -> int:
+        return self.in_channels if self.kind == "depthwise" else 1
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels // self.groups, self.kernel, self.kernel)
+
+    @property
+    def weight_count(self) -> int:
+        return int(np.prod(self.weight_shape))
+
+    @property
+    def weights_per_channel(self) -> int:
+        """Weights of one output channel (one row of the weight tensor)."""
+        return self.weight_count // self.out_channels
+
+    @property
+    def macs(self) -> int:
+        """Multiply-accumulates of the forward pass at batch 1."""
+        return self.weight_count * self.out_size * self.out_size
+
+
+def conv_out_size(size: int, kernel: int, stride: int) -> int:
+    pad = (kernel - 1) // 2
+    return (size + 2 * pad - kernel) // stride + 1
+
+
+def layer_specs(arch: dict) -> list[ConvLayer]:
+    """Every conv layer of an architecture, in execution order."""
+    layers: list[ConvLayer] = []
+
+    def add(name, kind, cin, cout, kernel, stride, size, relu6):
+        out = conv_out_size(size, kernel, stride)
+        layers.append(ConvLayer(len(layers), name, kind, cin, cout, kernel, stride, size, out, relu6))
+        return cout, out
+
+    fc = arch["first_conv"]
+    channels, size = add("first_conv", "conv", arch.get("in_channels", 3), fc["out"], fc["kernel"],
+                         fc["stride"], arch["resolution"], True)
+    for b, block in enumerate(arch["blocks"]):
+        hidden = channels
+        if block.get("expand"):
+            hidden, size = add(f"blocks.{b}.expand", "pointwise", channels, block["expand"], 1, 1, size, True)
+        hidden, size = add(f"blocks.{b}.depthwise", "depthwise", hidden, hidden, block["kernel"],
+                           block["stride"], size, True)
+        channels, size = add(f"blocks.{b}.project", "pointwise", hidden, block["out"], 1, 1, size, False)
+    if arch.get("feature_mix"):
+        add("feature_mix", "pointwise", channels, arch["feature_mix"]["out"], 1, 1, size, True)
+    return layers
+
+
+class Network:
+    """An MBConv backbone: architecture, float32 parameters by layer name, and graph builders."""
+
+    def __init__(self, arch: dict, arrays: dict[str, np.ndarray]):
+        self.arch = arch
+        self.layers = layer_specs(arch)
+        self.params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for layer in self.layers:
+            w = np.ascontiguousarray(arrays[f"{layer.name}.weight"], dtype=np.float32)
+            b = np.ascontiguousarray(arrays[f"{layer.name}.bias"], dtype=np.float32)
+            if w.shape != layer.weight_shape or b.shape != (layer.out_channels,):
+                raise ValueError(f"{layer.name}: weight {w.shape} / bias {b.shape}, "
+                                 f"architecture says {layer.weight_shape}")
+            self.params[layer.name] = (w, b)
+        self.extra = {k: v for k, v in arrays.items() if k.split(".")[0] == "classifier"}
+        self._feature_runs: dict[tuple, object] = {}
+
+    @property
+    def name(self) -> str:
+        return self.arch.get("name", "network")
+
+    @property
+    def resolution(self) -> int:
+        return int(self.arch["resolution"])
+
+    @property
+    def embedding_size(self) -> int:
+        return self.layers[-1].out_channels
+
+    def layer(self, name: str) -> ConvLayer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no layer named {name!r}; layers are {self.layers[0].name} ... {self.layers[-1].name}")
+
+    # -- graphs ------------------------------------------------------------------------------------
+    def build_features(self, g: Graph, x: Value, block_hook=None) -> Value:
+        """Add the backbone to ``g`` from image ``x`` to the pooled embedding (N, C).
+
+        ``block_hook(g, b, block_input, block_output) -> Value`` may rewrite each block's output
+        (TinyTL adds its lite residual branch there)."""
+        def conv(layer: ConvLayer, h: Value) -> Value:
+            w, b = self.params[layer.name]
+            if layer.kind == "conv":
+                h = g.conv2d(h, w, b, stride=layer.stride, name=layer.name)
+            elif layer.kind == "depthwise":
+                h = g.depthwise(h, w, b, stride=layer.stride, name=layer.name)
+            else:
+                h = g.pointwise(h, w, b, name=layer.name)
+            return g.relu6(h, name=f"{layer.name}.relu6") if layer.relu6 else h
+
+        by_name = {layer.name: layer for layer in self.layers}
+        h = conv(by_name["first_conv"], x)
+        for b, block in enumerate(self.arch["blocks"]):
+            block_input = h
+            for part in ("expand", "depthwise", "project"):
+                if f"blocks.{b}.{part}" in by_name:
+                    h = conv(by_name[f"blocks.{b}.{part}"], h)
+            if block.get("residual"):
+                h = g.add(h, block_input, name=f"blocks.{b}.add")
+            if block_hook is not None:
+                h = block_hook(g, b, block_input, h)
+        if "feature_mix" in by_name:
+            h = conv(by_name["feature_mix"], h)
+        return g.global_avg_pool(h, name="pool")
+
+    def features_graph(self, batch: int, block_hook=None) -> Graph:
+        g = Graph()
+        self.build_features(g, g.input("image", (batch, 3, self.resolution, self.resolution)), block_hook)
+        return g
+
+    def protonet_graph(self, batch: int, ways: int, scale: float, block_hook=None) -> Graph:
+        """Backbone + cosine prototype head + cross-entropy: the fine-tuning graph."""
+        g = Graph()
+        z = self.build_features(g, g.input("image", (batch, 3, self.resolution, self.resolution)), block_hook)
+        z = g.l2_normalize(z, name="normalize")
+        logits = g.cosine_logits(z, g.input("prototypes", (ways, self.embedding_size)), scale, name="logits")
+        g.cross_entropy(logits, g.input("labels", (batch,), np.int64), name="loss")
+        return g
+
+    # -- inference -----------------------------------------------------------------------------------
+    def features(self, x: np.ndarray, batch_size: int = 16, block_hook=None) -> np.ndarray:
+        """Pooled embeddings (N, C) of images (N, 3, R, R) float32 in [-1, 1]. Forward-only
+        executors are planned once per batch size (and block hook) and reused."""
+        from .autograd import Executor
+
+        x = np.asarray(x)
+        if x.ndim != 4 or x.shape[1:] != (3, self.resolution, self.resolution) or x.dtype != np.float32:
+            raise ValueError(f"{self.name}.features takes float32 (N, 3, {self.resolution}, "
+                             f"{self.resolution}), got {x.dtype} {x.shape}")
+        out = np.empty((len(x), self.embedding_size), np.float32)
+        for start in range(0, len(x), batch_size):
+            chunk = x[start:start + batch_size]
+            key = (len(chunk), block_hook)
+            run = self._feature_runs.get(key)
+            if run is None:
+                run = self._feature_runs[key] = Executor(self.features_graph(len(chunk), block_hook))
+            out[start:start + len(chunk)] = run.forward({"image": chunk}, train=False)
+        return out
+
+    # -- counts --------------------------------------------------------------------------------------
+    @property
+    def forward_macs(self) -> int:
+        return sum(layer.macs for layer in self.layers)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Arrays by name, in the weight-file naming."""
+        out = {}
+        for name, (w, b) in self.params.items():
+            out[f"{name}.weight"], out[f"{name}.bias"] = w, b
+        return {**out, **self.extra}
+
+    def copy(self) -> "Network":
+        return Network(self.arch, {k: v.copy() for k, v in self.state().items()})
+
+
+def load(path: str | Path) -> Network:
+    """A network from a microtrain weight file (see ``weights/README.md``)."""
+    from .checkpoint import load_weights
+
+    arch, arrays = load_weights(path)
+    return Network(arch, arrays)
+
+
+def save(net: Network, path: str | Path) -> None:
+    from .checkpoint import save_weights
+
+    save_weights(path, net.arch, net.state())
