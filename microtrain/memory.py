@@ -8,7 +8,8 @@ reused by every step. Buffers are views into it, so what the plan says is what t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class Buffer:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
     @property
     def padded(self) -> int:
@@ -72,28 +73,35 @@ def place(buffers: list[Buffer]) -> int:
     return size
 
 
-@dataclass
 class Plan:
-    """Placed buffers, the step names, and the arena size they need."""
+    """Buffers with lifetimes, the step names, and (placed on first use) their arena offsets."""
 
-    buffers: list[Buffer]
-    step_names: list[str]
-    arena_bytes: int = field(init=False)
+    def __init__(self, buffers: list[Buffer], step_names: list[str]):
+        self.buffers, self.step_names = buffers, step_names
+        self._arena_bytes: int | None = None
+        # Bytes alive per step and category, from a difference array over [start, end].
+        live = np.zeros((len(CATEGORIES), len(step_names) + 1), np.int64)
+        for b in buffers:
+            row = CATEGORIES.index(b.category)
+            live[row, b.start] += b.nbytes
+            live[row, b.end + 1] -= b.nbytes
+        self._live = np.cumsum(live, axis=1)[:, :len(step_names)]
 
-    def __post_init__(self):
-        self.arena_bytes = place(self.buffers)
+    @property
+    def arena_bytes(self) -> int:
+        if self._arena_bytes is None:
+            self._arena_bytes = place(self.buffers)
+        return self._arena_bytes
 
     def live_bytes(self, step: int, categories=CATEGORIES) -> int:
-        return sum(b.nbytes for b in self.buffers if b.alive_at(step) and b.category in categories)
+        return int(sum(self._live[CATEGORIES.index(c), step] for c in categories))
 
     def by_category(self, step: int) -> dict[str, int]:
         return {c: self.live_bytes(step, (c,)) for c in CATEGORIES}
 
     @property
     def peak_step(self) -> int:
-        if not self.step_names:
-            return 0
-        return max(range(len(self.step_names)), key=self.live_bytes)
+        return int(np.argmax(self._live.sum(axis=0))) if self.step_names else 0
 
     @property
     def peak_live_bytes(self) -> int:
@@ -104,13 +112,12 @@ class Plan:
     def backward_bytes(self) -> int:
         """The paper's backward-pass memory at its peak: weights being updated, their gradients
         and optimizer state, and activations kept for backward (transient buffers excluded)."""
-        if not self.step_names:
-            return 0
-        return max(self.live_bytes(s, BACKWARD_MEMORY) for s in range(len(self.step_names)))
+        rows = [CATEGORIES.index(c) for c in BACKWARD_MEMORY]
+        return int(self._live[rows].sum(axis=0).max(initial=0))
 
     def category_bytes(self, category: str) -> int:
         """Most bytes of one category alive at any step."""
-        return max((self.live_bytes(s, (category,)) for s in range(len(self.step_names))), default=0)
+        return int(self._live[CATEGORIES.index(category)].max(initial=0))
 
     @property
     def naive_bytes(self) -> int:
