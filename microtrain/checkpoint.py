@@ -26,7 +26,7 @@ import math
 import os
 import pickle
 import re
-import tempfile
+import secrets
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -886,15 +886,16 @@ def save_weights(path, arch: Mapping, arrays: Mapping[str, np.ndarray]) -> Path:
     payload = {name: arrays[name] for name in arrays}
     payload["__arch__"] = np.array(json.dumps(arch))
     payload["__format_version__"] = np.array(FORMAT_VERSION)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # an exclusive open (not mkstemp) so the file gets the usual umask permissions, not 0600
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             np.savez(f, **payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
