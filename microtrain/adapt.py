@@ -1,0 +1,272 @@
+"""``python -m microtrain.adapt``: adapt a pretrained backbone to a few labelled images, on the device.
+
+With no arguments it runs the built-in default task: MCUNet-5fps (converted from the shared
+checkpoint on first use), one 10-way 5-shot episode with 10 queries per class from the shared
+Traffic Sign data, TinyTrain under a 512 KB backward-memory budget and 15% of the forward MACs.
+
+It prints the selection, a progress bar, query accuracy before and after, the backward memory
+(planned, and what the arena holds) and MACs, the time split and the peak RSS, and writes the
+adapted weights and a JSON report to ``--out``. Bad input: one line on stderr, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_MODEL = "mcunet-5fps"
+DEFAULT_DATA = "traffic_sign.zip"
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+def parse_bytes(text: str) -> int:
+    """'512KB', '0.5MB', '524288' -> bytes (KB = 1024 bytes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgG]?)(i?[bB])?\s*", str(text))
+    if not m:
+        raise UsageError(f"cannot read {text!r} as a byte count (e.g. 524288, 512KB, 0.5MB)")
+    scale = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def parse_macs(text: str, forward_macs: int) -> int:
+    """'15%' of the forward MACs, or an absolute count ('3.4M', '3400000')."""
+    text = str(text).strip()
+    try:
+        if text.endswith("%"):
+            return int(float(text[:-1]) / 100 * forward_macs)
+        scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1].lower(), 1)
+        return int(float(text[:-1] if scale != 1 else text) * scale)
+    except ValueError:
+        raise UsageError(f"cannot read {text!r} as a MAC budget (e.g. 15%, 3.4M)") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+    from .train import FinetuneConfig
+
+    d = FinetuneConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m microtrain.adapt",
+        description="Adapt a pretrained tiny CNN to a few labelled images (TinyTrain: Fisher-potential "
+                    "layer/channel selection under memory and compute budgets, sparse fine-tuning, "
+                    "cosine prototype head).")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help="a shared backbone name (mcunet-5fps, mbv2-w0.35, proxyless-w0.3; converted on "
+                        "first use) or a microtrain weight file (.npz). Default: %(default)s")
+    g = p.add_argument_group("data: either --support/--query folders, or --data with an episode drawn from it")
+    g.add_argument("--support", help="class-per-folder directory (or zip) of labelled support images")
+    g.add_argument("--query", help="class-per-folder directory (or zip) of query images, same classes")
+    g.add_argument("--data", help=f"a dataset (folder, zip or .npz) to draw an episode from. Default: the "
+                                  f"shared {DEFAULT_DATA}")
+    g.add_argument("--way", type=int, default=10, help="classes per episode (default %(default)s)")
+    g.add_argument("--shot", type=int, default=5, help="support images per class (default %(default)s)")
+    g.add_argument("--query-shots", type=int, default=10, help="query images per class (default %(default)s)")
+    g.add_argument("--sampler", choices=("fixed", "metadataset"), default="fixed",
+                   help="fixed way/shot, or the Meta-Dataset sampler of the paper's Appendix B")
+    g.add_argument("--seed", type=int, default=0, help="episode seed (default %(default)s)")
+    g = p.add_argument_group("method and budgets")
+    g.add_argument("--method", choices=METHODS, default="tinytrain", help="default %(default)s")
+    g.add_argument("--mem-budget", default="512KB",
+                   help="backward memory budget: weights updated + gradients + optimizer state + "
+                        "activations kept for backward (default %(default)s)")
+    g.add_argument("--mac-budget", default="15%",
+                   help="backward MAC budget: a share of the forward MACs or a count (default %(default)s)")
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the support set (default %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (default %(default)s)")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default %(default)s")
+    g.add_argument("--scale", type=float, default=d.scale, help="cosine logit scale (default %(default)s)")
+    g.add_argument("--batch", type=int, default=d.batch, help="pseudo-queries per step (default %(default)s)")
+    g.add_argument("--train-seed", type=int, default=d.seed, help="augmentation/order seed (default %(default)s)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default="runs/adapt", help="folder for adapted.npz and report.json (default %(default)s)")
+    g.add_argument("--plan", action="store_true", help="print every buffer of the memory plan")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _resolve_model(spec: str):
+    from . import model
+    from .checkpoint import ensure_converted
+
+    path = Path(spec)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise UsageError(f"weight file {spec} not found")
+        return model.load(path)
+    return model.load(ensure_converted(spec))
+
+
+def _load_episode(args, resolution: int):
+    from .data import EpisodeImages, from_folders, open_dataset, sample_episode, sample_metadataset_episode
+    from .paths import shared_file
+
+    if args.support or args.query:
+        if not (args.support and args.query):
+            raise UsageError("--support and --query go together")
+        episode, source = from_folders(args.support, args.query), f"{args.support} | {args.query}"
+    else:
+        source = args.data or str(shared_file("data", DEFAULT_DATA))
+        dataset = open_dataset(source)
+        if args.sampler == "metadataset":
+            episode = sample_metadataset_episode(dataset, args.seed)
+        else:
+            episode = sample_episode(dataset, args.way, args.shot, args.query_shots, args.seed)
+    return episode, EpisodeImages(episode, resolution), source
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return None
+    width = 30
+
+    def show(step, total, loss):
+        done = int(width * step / total)
+        end = "\n" if step == total else ""
+        print(f"\r  training [{'#' * done}{'.' * (width - done)}] {step}/{total}  loss {loss:.4f}",
+              end=end, file=sys.stderr, flush=True)
+    return show
+
+
+def _write_atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run(args) -> dict:
+    from .checkpoint import save_weights
+    from .methods import Budgets, plan_method
+    from .train import FinetuneConfig, finetune, prototype_accuracy
+
+    t0 = time.perf_counter()
+    net = _resolve_model(args.model)
+    episode, images, source = _load_episode(args, net.resolution)
+    support, support_labels = images.support, episode.support_labels
+    query, query_labels = images.query, episode.query_labels
+    t_load = time.perf_counter() - t0
+    budgets = Budgets(parse_bytes(args.mem_budget), parse_macs(args.mac_budget, net.forward_macs))
+    cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                         scale=args.scale, batch=args.batch, seed=args.train_seed)
+    if cfg.batch < 1 or cfg.epochs < 0:
+        raise UsageError("--batch must be >= 1 and --epochs >= 0")
+
+    print(f"model {net.name}: {len(net.layers)} conv layers, {net.forward_macs / 1e6:.2f}M forward MACs")
+    print(f"episode: {len(episode.classes)}-way, {len(support)} support / {len(query)} query images from {source}")
+    acc_before = prototype_accuracy(net, support, support_labels, query, query_labels)
+    print(f"query accuracy before: {100 * acc_before:.2f}%")
+
+    method = plan_method(args.method, net, support, support_labels, budgets, cfg.scale, cfg.momentum > 0,
+                         seed=args.train_seed)
+    report = {"model": net.name, "method": args.method, "data": source,
+              "episode": {"classes": list(episode.classes), "support": len(support), "query": len(query),
+                          "seed": args.seed, "sampler": args.sampler if not args.support else "folders"},
+              "budgets": {"memory_bytes": budgets.memory, "macs": budgets.macs},
+              "forward_macs": net.forward_macs, "accuracy_before": acc_before,
+              "finetune": vars(cfg).copy()}
+    if method.choices:
+        print(f"selection ({args.method}, {method.seconds:.2f} s):")
+        print(f"  {'layer':<24} {'channels':>10} {'score':>12}")
+        for name, kept, total, score in method.choices:
+            print(f"  {name:<24} {kept:>4} / {total:<4} {score:>12.4g}")
+    report["selection"] = [{"layer": n, "channels": k, "out_channels": c, "score": s}
+                           for n, k, c, s in method.choices]
+
+    result = None
+    t_train = 0.0
+    if method.trains:
+        result = finetune(net, method.selection, support, support_labels, cfg, _progress(args.quiet),
+                          method.block_hook)
+        t_train = result.seconds
+        plan = result.plan
+        if args.plan:
+            print(plan.table(verbose=True))
+        from .tinytrain import backward_macs
+        from .autograd import Program
+        macs = backward_macs(Program(net.protonet_graph(cfg.batch, len(episode.classes), cfg.scale,
+                                                        method.block_hook), method.selection,
+                                     cfg.momentum > 0), net.layers)
+        report["memory"] = {"backward_planned_bytes": plan.backward_bytes, "arena_planned_bytes": plan.arena_bytes,
+                            "arena_measured_bytes": result.arena_bytes,
+                            "out_of_arena_step_bytes": result.step_allocations,
+                            "categories": {c: plan.category_bytes(c) for c in plan.by_category(0)},
+                            "no_reuse_bytes": plan.naive_bytes}
+        report["backward_macs"] = macs
+        print("memory plan (batch %d):" % cfg.batch)
+        print("  " + plan.table().replace("\n", "\n  "))
+        print(f"backward memory: planned {plan.backward_bytes / 1024:.1f} KiB (budget {budgets.memory / 1024:.0f} KiB); "
+              f"arena planned {plan.arena_bytes / 1024:.1f} KiB, allocated {result.arena_bytes / 1024:.1f} KiB")
+        print(f"backward MACs: {macs / 1e6:.2f}M (budget {budgets.macs / 1e6:.2f}M, forward {net.forward_macs / 1e6:.2f}M)")
+    acc_after = prototype_accuracy(net, support, support_labels, query, query_labels, method.block_hook) \
+        if method.trains else acc_before
+    print(f"query accuracy after:  {100 * acc_after:.2f}%  ({100 * (acc_after - acc_before):+.2f})")
+    total = time.perf_counter() - t0
+    report.update({"accuracy_after": acc_after,
+                   "time_seconds": {"load": t_load, "selection": method.seconds, "training": t_train, "total": total},
+                   "losses": {"first": result.losses[0], "last": result.losses[-1], "steps": result.steps}
+                   if result and result.losses else None,
+                   "peak_rss_mb": peak_rss_mb()})
+    print(f"time: load {t_load:.2f} s, Fisher + selection {method.seconds:.2f} s "
+          f"({100 * method.seconds / total:.1f}%), training {t_train:.2f} s, total {total:.2f} s")
+    print(f"peak RSS: {report['peak_rss_mb']:.1f} MB")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_weights(out / "adapted.npz", net.arch, net.state())  # itself written to a temporary, then renamed
+    _write_atomic(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, default=_json)))
+    print(f"wrote {out / 'adapted.npz'} and {out / 'report.json'}")
+    return report
+
+
+def _json(obj):
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(type(obj).__name__)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .paths import MissingSharedError
+    from .tinytrain import BudgetError
+    from .train import TrainingDiverged
+
+    try:
+        run(args)
+    except (UsageError, DataError, CheckpointError, MissingSharedError, BudgetError, TrainingDiverged) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
