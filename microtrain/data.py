@@ -517,10 +517,15 @@ def _band(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
     return idx, band
 
 
-def _shrink_axis(img: np.ndarray, axis: int, n_out: int) -> np.ndarray:
-    """Resample a strong reduction along one axis tap by tap: work and memory grow with the
-    input size only (a dense matrix would cost n_out * n_in per line)."""
+def _resample_axis(img: np.ndarray, axis: int, n_out: int, flip: bool = False) -> np.ndarray:
+    """Resample along one axis tap by tap (float32 result; ``flip`` mirrors the output).
+
+    Work and memory grow with the input size only (a dense matrix costs n_out * n_in per
+    line), and no BLAS call is made, so it cannot stall on BLAS threads competing with
+    other work on a small board."""
     idx, band = _band(img.shape[axis], n_out)
+    if flip:
+        idx, band = idx[::-1], band[::-1]
     shape = [1] * img.ndim
     shape[axis] = n_out
     acc = None
@@ -573,11 +578,11 @@ def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     h_axis, w_axis = (0, 1) if channels_last else (1, 2)
     wh = ww = None
     if h_in >= 4 * h_out:
-        x = _shrink_axis(x, h_axis, h_out)
+        x = _resample_axis(x, h_axis, h_out)
     elif h_in != h_out:
         wh = _weights(h_in, h_out)
     if w_in >= 4 * w_out:
-        x = _shrink_axis(x, w_axis, w_out)
+        x = _resample_axis(x, w_axis, w_out)
     elif w_in != w_out:
         ww = _weights(w_in, w_out)
     if channels_last:
@@ -634,11 +639,10 @@ def augment(image: np.ndarray, rng: np.random.Generator, *, scale=(0.5, 1.0),
     ch = min(h, max(1, int(round(math.sqrt(area / aspect)))))
     y0 = min(h - ch, int(u[2] * (h - ch + 1)))
     x0 = min(w - cw, int(u[3] * (w - cw + 1)))
-    crop = image[:, y0:y0 + ch, x0:x0 + cw].astype(np.float32)
-    ww = _weights(cw, w)
-    if u[4] < flip_p:
-        ww = ww[::-1]
-    x = _resample(crop, _weights(ch, h), ww)
+    # The crop is never larger than the output, so each output pixel mixes at most 2 input
+    # pixels per axis: tap-by-tap is ~0.1 ms at 128x128 and makes no BLAS call.
+    x = _resample_axis(image[:, y0:y0 + ch, x0:x0 + cw], 1, h)
+    x = _resample_axis(x, 2, w, flip=bool(u[4] < flip_p))
 
     brightness = 1 + jitter * (2 * u[5] - 1)
     contrast = 1 + jitter * (2 * u[6] - 1)

@@ -471,12 +471,15 @@ def test_augment_ranges(seed, value):
 
 
 def test_augment_is_fast_at_128():
+    """Median, not mean: on a shared 2-core box, preemption (and BLAS threads fighting
+    other processes) adds rare multi-ms stalls that say nothing about augment itself."""
     img = _rgb(1, (128, 128)).transpose(2, 0, 1).copy()
     rng = np.random.default_rng(0)
     augment(img, rng)
-    n = 200
-    start = time.perf_counter()
-    for _ in range(n):
+    times = []
+    for _ in range(200):
+        start = time.perf_counter()
         augment(img, rng)
-    per_call = (time.perf_counter() - start) / n
-    assert per_call < 2e-3, f"augment takes {per_call * 1e3:.2f} ms at 128x128"
+        times.append(time.perf_counter() - start)
+    per_call = float(np.median(times))
+    assert per_call < 2e-3, f"augment takes {per_call * 1e3:.2f} ms (median) at 128x128"
