@@ -1,0 +1,83 @@
+"""Print what a weight file holds: per-layer shapes and costs, per-kind and total counts.
+
+    python -m microtrain.summary WEIGHTS [--json]
+
+Counts come from ``model.layer_specs`` (the layers the engine builds) at the file's resolution:
+conv weights exclude biases and the ImageNet classifier, MACs are the forward pass at batch 1,
+as in ../shared/checkpoints/README.md. A bad file: one line on stderr, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from microtrain.checkpoint import CheckpointError, embedding_channels, load_weights
+from microtrain.model import layer_specs
+
+KINDS = ("conv", "pointwise", "depthwise")
+PROG = "python -m microtrain.summary"
+
+
+def summarize(arch: dict, arrays: dict) -> dict:
+    """The summary as plain data (what ``--json`` prints)."""
+    layers = layer_specs(arch)
+    rows = [{"index": l.index, "name": l.name, "kind": l.kind, "in_channels": l.in_channels,
+             "out_channels": l.out_channels, "kernel": l.kernel, "stride": l.stride, "in_size": l.in_size,
+             "out_size": l.out_size, "weight_shape": list(l.weight_shape), "weights": l.weight_count,
+             "biases": l.out_channels, "macs": l.macs} for l in layers]
+    by_kind = {kind: {"count": sum(r["kind"] == kind for r in rows),
+                      "weights": sum(r["weights"] for r in rows if r["kind"] == kind),
+                      "macs": sum(r["macs"] for r in rows if r["kind"] == kind)} for kind in KINDS}
+    classifier = arrays.get("classifier.weight")
+    return {
+        "name": arch["name"], "resolution": arch["resolution"], "source": arch["source"],
+        "blocks": len(arch["blocks"]), "residual_blocks": sum(b["residual"] for b in arch["blocks"]),
+        "embedding": embedding_channels(arch),
+        "classifier": None if classifier is None else {"classes": int(classifier.shape[0]),
+                                                       "params": int(classifier.size + arrays["classifier.bias"].size)},
+        "layers": rows,
+        "by_kind": by_kind,
+        "totals": {"convs": len(rows), "weights": sum(r["weights"] for r in rows),
+                   "biases": sum(r["biases"] for r in rows), "macs": sum(r["macs"] for r in rows)},
+    }
+
+
+def format_text(s: dict) -> str:
+    src = s["source"]
+    lines = [f"{s['name']}: {s['resolution']}x{s['resolution']} input, {s['blocks']} blocks "
+             f"({s['residual_blocks']} residual), embedding {s['embedding']}  [{src['kind']} {src['file']}]", ""]
+    head = f"{'#':>3}  {'layer':<20} {'kind':<9} {'in->out ch':>11} {'k/s':>5} {'map':>9} {'weight shape':>17} {'weights':>9} {'MACs':>11}"
+    lines += [head, "-" * len(head)]
+    for r in s["layers"]:
+        lines.append(f"{r['index']:>3}  {r['name']:<20} {r['kind']:<9} {r['in_channels']:>5}->{r['out_channels']:<5}"
+                     f" {r['kernel']:>2}/{r['stride']:<2} {r['in_size']:>4}->{r['out_size']:<4}"
+                     f" {'x'.join(map(str, r['weight_shape'])):>17} {r['weights']:>9,} {r['macs']:>11,}")
+    lines += ["", f"{'kind':<10} {'count':>5} {'weights':>9} {'MACs':>11}"]
+    for kind, k in s["by_kind"].items():
+        lines.append(f"{kind:<10} {k['count']:>5} {k['weights']:>9,} {k['macs']:>11,}")
+    t = s["totals"]
+    lines.append(f"{'total':<10} {t['convs']:>5} {t['weights']:>9,} {t['macs']:>11,}")
+    lines.append(f"(plus {t['biases']:,} conv biases"
+                 + (f"; classifier {s['classifier']['classes']} classes, {s['classifier']['params']:,} params, not counted)"
+                    if s["classifier"] else ")"))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    parser.add_argument("weights", help="a weight file (.npz) from tools/convert_ckpt.py")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    args = parser.parse_args(argv)
+    try:
+        arch, arrays = load_weights(args.weights)
+    except CheckpointError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    s = summarize(arch, arrays)
+    print(json.dumps(s, indent=1) if args.json else format_text(s))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
