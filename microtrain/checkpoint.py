@@ -253,62 +253,69 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._storages[key]
 
 
-def _materialize(obj, depth: int = 0):
-    """Swap every ``_ArraySpec`` in nested dicts/lists/tuples for its array."""
+def _materialize(obj, depth: int = 0, done: dict | None = None):
+    """Swap every ``_ArraySpec`` in nested dicts/lists/tuples for its array. Each shared
+    container is converted once (``done``, by id): a pickle of 100 bytes can describe a DAG
+    with 2^30 paths."""
     if depth > _MAX_NESTING:
         raise CheckpointError(f"pickle nests containers deeper than {_MAX_NESTING} levels")
     if isinstance(obj, _ArraySpec):
         if obj.array is None:
             raise CheckpointError("numpy array in the pickle without data")
         return obj.array
-    if isinstance(obj, dict):
-        return {k: _materialize(v, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialize(v, depth + 1) for v in obj)
-    return obj
+    if not isinstance(obj, (dict, list, tuple)):
+        return obj
+    done = {} if done is None else done
+    if id(obj) not in done:
+        if isinstance(obj, dict):
+            out = {k: _materialize(v, depth + 1, done) for k, v in obj.items()}
+        else:
+            out = type(obj)(_materialize(v, depth + 1, done) for v in obj)
+        done[id(obj)] = (obj, out)  # keeps obj alive so its id stays unique
+    return done[id(obj)][1]
 
 
-def _unpickle_archive(data: bytes, where: str):
+def _unpickle_archive(data: bytes):
     """The object in a ``torch.save`` zip archive, unpickled by ``RestrictedUnpickler``."""
     if not data.startswith(b"PK"):
         if data[:1] == b"\x80" and data[2:14] == _LEGACY_TORCH_MAGIC:
             raise CheckpointError(
-                f"{where}: legacy (non-zip) torch.save format, which is not supported; re-save it with "
+                "legacy (non-zip) torch.save format, which is not supported; re-save it with "
                 "torch >= 1.6 defaults (torch.save(obj, path), no _use_new_zipfile_serialization=False)")
-        raise CheckpointError(f"{where}: not a zip archive (expected a torch.save checkpoint)")
+        raise CheckpointError("not a zip archive (expected a torch.save checkpoint)")
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = {info.filename: info for info in zf.infolist()}
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
-        raise CheckpointError(f"{where}: truncated or corrupt zip archive ({exc})") from None
+        raise CheckpointError(f"truncated or corrupt zip archive ({exc})") from None
     pickles = [n for n in infos if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
-        raise CheckpointError(f"{where}: zip archive without exactly one <folder>/data.pkl; not a torch.save checkpoint")
+        raise CheckpointError("zip archive without exactly one <folder>/data.pkl; not a torch.save checkpoint")
     prefix = pickles[0][: -len("data.pkl")]
 
     def member(name: str) -> bytes:
         info = infos.get(name)
         if info is None:
-            raise CheckpointError(f"{where}: missing archive member {name}")
+            raise CheckpointError(f"missing archive member {name}")
         if info.file_size > _MAX_MEMBER_BYTES:
-            raise CheckpointError(f"{where}: archive member {name} is {info.file_size} bytes")
+            raise CheckpointError(f"archive member {name} is {info.file_size} bytes")
         try:
             return zf.read(info)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as exc:
-            raise CheckpointError(f"{where}: corrupt zip member {name} ({exc})") from None
+            raise CheckpointError(f"corrupt zip member {name} ({exc})") from None
 
     byteorder = "little"
     if prefix + "byteorder" in infos:
         byteorder = member(prefix + "byteorder").decode("ascii", "replace").strip()
         if byteorder not in ("little", "big"):
-            raise CheckpointError(f"{where}: unknown byteorder {byteorder!r}")
+            raise CheckpointError(f"unknown byteorder {byteorder!r}")
     unpickler = RestrictedUnpickler(member(pickles[0]), lambda key: member(prefix + "data/" + key), byteorder)
     try:
         return _materialize(unpickler.load())
-    except CheckpointError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - only our allowlisted code ran: any failure is bad input
-        raise CheckpointError(f"{where}: corrupt pickle ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"corrupt pickle ({type(exc).__name__}: {exc})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -851,8 +858,8 @@ def read_checkpoint(path, config=None, bn_eps: float | None = None) -> tuple[dic
         raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
     if config is not None and not isinstance(config, dict):
         config = read_net_config(config)
-    obj = _unpickle_archive(data, str(path))
     try:
+        obj = _unpickle_archive(data)
         if isinstance(obj, dict) and "state_dict" in obj:
             kind, sd = "torch-state-dict", obj["state_dict"]
             if not isinstance(sd, dict):

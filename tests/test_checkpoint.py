@@ -11,6 +11,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -142,6 +143,28 @@ def test_build_cannot_tamper_with_allowed_globals(tmp_path):
     with pytest.raises(CheckpointError, match="modify numpy.dtype"):
         read_checkpoint(torch_zip(tmp_path / "t.pt", slot_state))
     assert callable(np.dtype) and np.dtype("f4").itemsize == 4
+
+
+def test_shared_references_are_converted_once(tmp_path):
+    """A 200-byte pickle can describe a DAG with 2^30 paths; reading it must not walk them."""
+    x = []
+    for _ in range(30):
+        x = [x, x]
+    path = torch_zip(tmp_path / "dag.pt", pickle.dumps(x, protocol=2))
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="unrecognised checkpoint contents"):
+        read_checkpoint(path)
+    assert time.perf_counter() - start < 1.0
+
+
+def test_missing_storage_record_is_named_once(tmp_path):
+    with zipfile.ZipFile(FIX / "tiny_tt_sd.pt") as src, zipfile.ZipFile(tmp_path / "cut.pt", "w") as dst:
+        for info in src.infolist():
+            if not info.filename.endswith("/data/3"):
+                dst.writestr(info, src.read(info))
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(tmp_path / "cut.pt", config=FIX / "tiny_tt.json")
+    assert str(err.value) == f"{tmp_path / 'cut.pt'}: missing archive member tiny_tt_sd/data/3"
 
 
 def test_object_dtype_arrays_are_refused(tmp_path):
