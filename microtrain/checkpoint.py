@@ -338,14 +338,18 @@ def _pos_int(value, key: str) -> int:
     return int(value)
 
 
-def _kernel(value, key: str) -> int:
-    """A square odd kernel size given as k or (k, k)."""
-    if isinstance(value, (tuple, list)) and len(value) == 2 and value[0] == value[1]:
-        value = value[0]
-    k = _pos_int(value, key) if _is_int(value) else None
-    if k is None or k % 2 == 0:
+def _odd(value, key: str) -> int:
+    """A kernel size: a positive odd int (padding (k - 1) // 2 keeps the map size)."""
+    if not _is_int(value) or value < 1 or value % 2 == 0:
         raise CheckpointError(f"'{key}' = {value!r:.40} is not an odd square kernel size")
-    return k
+    return int(value)
+
+
+def _kernel(value, key: str) -> int:
+    """A square odd kernel size given as k or (k, k), as checkpoints and configs write it."""
+    if isinstance(value, (tuple, list)) and len(value) == 2 and _is_int(value[0]) and value[0] == value[1]:
+        value = value[0]
+    return _odd(value, key)
 
 
 def _array(value, key: str) -> np.ndarray:
@@ -402,7 +406,7 @@ def validate_arch(arch) -> None:
     fc = arch["first_conv"]
     _check_keys(fc, ("out", "kernel", "stride"), (), "arch.first_conv")
     c = _pos_int(fc["out"], "arch.first_conv.out")
-    _kernel(fc["kernel"], "arch.first_conv.kernel")
+    _odd(fc["kernel"], "arch.first_conv.kernel")
     _pos_int(fc["stride"], "arch.first_conv.stride")
     if not isinstance(arch["blocks"], list) or not arch["blocks"]:
         raise CheckpointError("'arch.blocks' must be a non-empty list")
@@ -411,7 +415,7 @@ def validate_arch(arch) -> None:
         _check_keys(b, _BLOCK_KEYS, (), where)
         if b["expand"] is not None:
             _pos_int(b["expand"], f"{where}.expand")
-        _kernel(b["kernel"], f"{where}.kernel")
+        _odd(b["kernel"], f"{where}.kernel")
         stride = _pos_int(b["stride"], f"{where}.stride")
         out = _pos_int(b["out"], f"{where}.out")
         if not isinstance(b["residual"], bool):
@@ -651,8 +655,9 @@ def _fold(sd, prefix: str, eps: float, shape: tuple):
 
 
 def _state_dict_layers(sd: dict):
-    """Key layout of a state_dict: (block word, number of blocks, which blocks expand, whether
-    there is a feature-mix layer, whether there is a classifier). Unknown/missing keys raise."""
+    """Key layout of a state_dict: (the state_dict without a DataParallel 'module.' prefix,
+    block word, number of blocks, which blocks expand, whether there is a feature-mix layer,
+    whether there is a classifier). Unknown or missing keys raise, naming them."""
     bad = [k for k in sd if not isinstance(k, str)]
     if bad:
         raise CheckpointError(f"state_dict key {bad[0]!r:.40} is not a string")
