@@ -102,7 +102,7 @@ def shape_is(op: str, name: str, a: np.ndarray, expected: tuple, why: str = "") 
 
 
 def stride_ok(op: str, stride) -> None:
-    if stride not in (1, 2) or type(stride) is bool:
+    if type(stride) is bool or not isinstance(stride, (int, np.integer)) or stride not in (1, 2):
         fail(op, f"stride must be 1 or 2, got {stride!r}")
 
 
