@@ -10,6 +10,7 @@ Ho = (H + 2p - k) // stride + 1 with p = (k - 1) // 2.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from ._jit import (
     array, f32_1r, f32_4, f32_4r, fail, i64, i64_1r, indices, int_at_least, kernel,
@@ -20,6 +21,34 @@ __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight"]
 
 
 # --------------------------------------------------------------------------- forward
+@njit(inline="always")
+def _row3(out, x, w, n, o, c, ci, kh, oh0, oh1, stride, W, Wo):  # pragma: no cover - compiled
+    """Add kernel row kh of a 3x3 kernel (padding 1) to output rows [oh0, oh1) of out[n, o]."""
+    w0, w1, w2 = w[o, ci, kh, 0], w[o, ci, kh, 1], w[o, ci, kh, 2]
+    lo = valid_range(-1, stride, W, Wo)[0]        # first column whose left tap is inside
+    hi = valid_range(1, stride, W, Wo)[1]         # past the last column whose right tap is
+    if hi < lo:
+        hi = lo
+    for oh in range(oh0, oh1):
+        ih = u(stride * oh + kh - 1)
+        # interior columns: all three taps inside the row; stride literal per branch
+        if stride == 1:
+            for ow in range(lo, hi):
+                out[n, o, u(oh), u(ow)] += (w0 * x[n, c, ih, u(ow - 1)] + w1 * x[n, c, ih, u(ow)]
+                                            + w2 * x[n, c, ih, u(ow + 1)])
+        else:
+            for ow in range(lo, hi):
+                out[n, o, u(oh), u(ow)] += (w0 * x[n, c, ih, u(2 * ow - 1)] + w1 * x[n, c, ih, u(2 * ow)]
+                                            + w2 * x[n, c, ih, u(2 * ow + 1)])
+        # edge columns (at most one per side), tap by tap with the padding skipped
+        for e in range(lo + Wo - hi):
+            ow = e if e < lo else hi + e - lo
+            for kw in range(3):
+                iw = stride * ow + kw - 1
+                if iw >= 0 and iw < W:
+                    out[n, o, u(oh), u(ow)] += w[o, ci, kh, kw] * x[n, c, ih, u(iw)]
+
+
 @kernel(void(f32_4, f32_4r, f32_4r, f32_1r, i64, i64))
 def _conv2d_forward(out, x, w, b, stride, groups):  # pragma: no cover - compiled
     N, I, H, W = x.shape
@@ -38,6 +67,12 @@ def _conv2d_forward(out, x, w, b, stride, groups):  # pragma: no cover - compile
                 c = c0 + ci
                 for kh in range(k):
                     oh0, oh1 = valid_range(kh - p, stride, H, Ho)
+                    if k == 3:
+                        # the three taps of a kernel row in one body: at stride 2 they read
+                        # both even and odd inputs, which LLVM loads as whole vectors and
+                        # de-interleaves (measured ~3x faster than one tap per pass)
+                        _row3(out, x, w, n, o, c, ci, kh, oh0, oh1, stride, W, Wo)
+                        continue
                     for kw in range(k):
                         ow0, ow1 = valid_range(kw - p, stride, W, Wo)
                         wv = w[o, ci, kh, kw]
