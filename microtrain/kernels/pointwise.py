@@ -10,6 +10,8 @@ slower than BLAS, because LLVM cannot keep a register tile when the rows are 16 
 The bias is then added by a small Numba kernel. The weight gradient is Numba: it works on the
 selected output channels only, gathering their rows of dy in place, which no BLAS call can do
 without a copy. Destinations must not overlap inputs (NumPy would then copy to stay correct).
+OpenBLAS picks its own thread count at NumPy import (OPENBLAS_NUM_THREADS); on a busy shared box
+its spinning threads can give long tail latencies, so a training process may want it at 1.
 """
 from __future__ import annotations
 
