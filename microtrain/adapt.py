@@ -129,15 +129,21 @@ def _load_episode(args, resolution: int):
 
 
 def _progress(quiet: bool):
+    """A progress bar on a terminal; on a pipe, one line per 10% so logs stay readable."""
     if quiet:
         return None
-    width = 30
+    width, tty = 30, sys.stderr.isatty()
+    shown = {"last": -1}
 
     def show(step, total, loss):
-        done = int(width * step / total)
-        end = "\n" if step == total else ""
-        print(f"\r  training [{'#' * done}{'.' * (width - done)}] {step}/{total}  loss {loss:.4f}",
-              end=end, file=sys.stderr, flush=True)
+        tick = (100 * step) // total if tty else (10 * step) // total
+        if tick == shown["last"] and step != total:
+            return
+        shown["last"] = tick
+        done = width * step // total
+        line = f"  training [{'#' * done}{'.' * (width - done)}] {step}/{total}  loss {loss:.4f}"
+        print(("\r" + line) if tty else line, end="\n" if (step == total or not tty) else "",
+              file=sys.stderr, flush=True)
     return show
 
 
@@ -160,7 +166,7 @@ def peak_rss_mb() -> float:
 def run(args) -> dict:
     from .checkpoint import save_weights
     from .methods import Budgets, plan_method
-    from .train import FinetuneConfig, finetune, prototype_accuracy
+    from .train import FinetuneConfig, embed, finetune, prototype_accuracy
 
     t0 = time.perf_counter()
     net = _resolve_model(args.model)
@@ -176,11 +182,13 @@ def run(args) -> dict:
 
     print(f"model {net.name}: {len(net.layers)} conv layers, {net.forward_macs / 1e6:.2f}M forward MACs")
     print(f"episode: {len(episode.classes)}-way, {len(support)} support / {len(query)} query images from {source}")
-    acc_before = prototype_accuracy(net, support, support_labels, query, query_labels)
+    support_embeddings = embed(net, support)
+    acc_before = prototype_accuracy(net, support, support_labels, query, query_labels,
+                                    support_embeddings=support_embeddings)
     print(f"query accuracy before: {100 * acc_before:.2f}%")
 
     method = plan_method(args.method, net, support, support_labels, budgets, cfg.scale, cfg.momentum > 0,
-                         seed=args.train_seed)
+                         seed=args.train_seed, embeddings=support_embeddings)
     report = {"model": net.name, "method": args.method, "data": source,
               "episode": {"classes": list(episode.classes), "support": len(support), "query": len(query),
                           "seed": args.seed, "sampler": args.sampler if not args.support else "folders"},

@@ -40,13 +40,14 @@ class MethodPlan:
 
 
 def plan_method(method: str, net: Network, support: np.ndarray, labels: np.ndarray, budgets: Budgets,
-                scale: float, momentum: bool, seed: int = 0) -> MethodPlan:
-    """Decide what ``method`` trains on this support set (uint8 images, int64 labels)."""
+                scale: float, momentum: bool, seed: int = 0, embeddings: np.ndarray | None = None) -> MethodPlan:
+    """Decide what ``method`` trains on this support set (uint8 images, int64 labels).
+    ``embeddings`` are the support set's embeddings when the caller already has them."""
     start = time.perf_counter()
     if method == "none":
         plan = MethodPlan(method, Selection())
     elif method == "tinytrain":
-        plan = plan_tinytrain(net, support, labels, budgets, scale, momentum, seed)
+        plan = plan_tinytrain(net, support, labels, budgets, scale, momentum, seed, embeddings=embeddings)
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     plan.seconds = time.perf_counter() - start
@@ -55,14 +56,15 @@ def plan_method(method: str, net: Network, support: np.ndarray, labels: np.ndarr
 
 def plan_tinytrain(net: Network, support: np.ndarray, labels: np.ndarray, budgets: Budgets, scale: float,
                    momentum: bool, seed: int, use_costs: bool = True,
-                   channel_order: dict[str, np.ndarray] | None = None) -> MethodPlan:
+                   channel_order: dict[str, np.ndarray] | None = None,
+                   embeddings: np.ndarray | None = None) -> MethodPlan:
     """Fisher potential on one pass over the support set, Eq. 3 scores, budgeted selection."""
     ways = int(labels.max()) + 1
-    protos = class_prototypes(embed(net, support), labels, ways)
+    protos = class_prototypes(embed(net, support) if embeddings is None else embeddings, labels, ways)
     # The gradients are those of the fine-tuning loss: augmented support images as pseudo-queries.
     rng = np.random.default_rng(seed)
-    pseudo = to_input(np.stack([augment(img, rng) for img in support]))
-    delta = tinytrain.fisher_information(net, pseudo, labels, protos, scale)
+    pseudo_queries = lambda chunk: to_input(np.stack([augment(img, rng) for img in chunk]))  # noqa: E731
+    delta = tinytrain.fisher_information(net, support, labels, protos, scale, prepare=pseudo_queries)
     potential = tinytrain.fisher_potential(delta)
     scores = tinytrain.multi_objective_scores(net.layers, potential, use_costs)
     graph = net.protonet_graph(1, ways, scale)

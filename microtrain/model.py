@@ -171,23 +171,26 @@ class Network:
         return g
 
     # -- inference -----------------------------------------------------------------------------------
-    def features(self, x: np.ndarray, batch_size: int = 16, block_hook=None) -> np.ndarray:
-        """Pooled embeddings (N, C) of images (N, 3, R, R) float32 in [-1, 1]. Forward-only
-        executors are planned once per batch size (and block hook) and reused."""
+    def features(self, x: np.ndarray, batch_size: int = 8, block_hook=None) -> np.ndarray:
+        """Pooled embeddings (N, C) of images (N, 3, R, R) float32 in [-1, 1]. One forward-only
+        executor per batch size (and block hook) is planned once and reused; a short last
+        chunk is padded."""
         from .autograd import Executor
 
         x = np.asarray(x)
         if x.ndim != 4 or x.shape[1:] != (3, self.resolution, self.resolution) or x.dtype != np.float32:
             raise ValueError(f"{self.name}.features takes float32 (N, 3, {self.resolution}, "
                              f"{self.resolution}), got {x.dtype} {x.shape}")
+        batch = max(1, min(batch_size, len(x)))
+        run = self._feature_runs.get((batch, block_hook))
+        if run is None:
+            run = self._feature_runs[(batch, block_hook)] = Executor(self.features_graph(batch, block_hook))
+        image = run.value("image")
         out = np.empty((len(x), self.embedding_size), np.float32)
-        for start in range(0, len(x), batch_size):
-            chunk = x[start:start + batch_size]
-            key = (len(chunk), block_hook)
-            run = self._feature_runs.get(key)
-            if run is None:
-                run = self._feature_runs[key] = Executor(self.features_graph(len(chunk), block_hook))
-            out[start:start + len(chunk)] = run.forward({"image": chunk}, train=False)
+        for start in range(0, len(x), batch):
+            valid = min(batch, len(x) - start)
+            image[:valid] = x[start:start + valid]
+            out[start:start + valid] = run.forward({}, train=False)[:valid]
         return out
 
     # -- counts --------------------------------------------------------------------------------------

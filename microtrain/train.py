@@ -61,7 +61,7 @@ def class_prototypes(embeddings: np.ndarray, labels: np.ndarray, ways: int) -> n
     return normalize_rows(protos).astype(np.float32)
 
 
-def embed(net: Network, images: np.ndarray, batch: int = 16, block_hook=None) -> np.ndarray:
+def embed(net: Network, images: np.ndarray, batch: int = 8, block_hook=None) -> np.ndarray:
     """Embeddings (N, C) of uint8 images (N, 3, R, R), converted a batch at a time."""
     out = np.empty((len(images), net.embedding_size), np.float32)
     for start in range(0, len(images), batch):
@@ -71,10 +71,13 @@ def embed(net: Network, images: np.ndarray, batch: int = 16, block_hook=None) ->
 
 
 def prototype_accuracy(net: Network, support: np.ndarray, support_labels: np.ndarray,
-                       query: np.ndarray, query_labels: np.ndarray, block_hook=None) -> float:
+                       query: np.ndarray, query_labels: np.ndarray, block_hook=None,
+                       support_embeddings: np.ndarray | None = None) -> float:
     """Query accuracy of nearest-prototype (cosine) classification."""
     ways = int(support_labels.max()) + 1
-    protos = class_prototypes(embed(net, support, block_hook=block_hook), support_labels, ways)
+    if support_embeddings is None:
+        support_embeddings = embed(net, support, block_hook=block_hook)
+    protos = class_prototypes(support_embeddings, support_labels, ways)
     z = normalize_rows(embed(net, query, block_hook=block_hook))
     return float(np.mean(np.argmax(z @ protos.T, axis=1) == query_labels))
 
