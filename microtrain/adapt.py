@@ -165,80 +165,47 @@ def peak_rss_mb() -> float:
 
 def run(args) -> dict:
     from .checkpoint import save_weights
-    from .methods import Budgets, plan_method
-    from .train import FinetuneConfig, embed, finetune, prototype_accuracy
+    from .methods import Budgets
+    from .pipeline import adapt_episode
+    from .train import FinetuneConfig
 
     t0 = time.perf_counter()
     net = _resolve_model(args.model)
     episode, images, source = _load_episode(args, net.resolution)
-    support, support_labels = images.support, episode.support_labels
-    query, query_labels = images.query, episode.query_labels
     t_load = time.perf_counter() - t0
     budgets = Budgets(parse_bytes(args.mem_budget), parse_macs(args.mac_budget, net.forward_macs))
     cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                          scale=args.scale, batch=args.batch, seed=args.train_seed)
-    if cfg.batch < 1 or cfg.epochs < 0:
-        raise UsageError("--batch must be >= 1 and --epochs >= 0")
+    if cfg.batch < 1 or cfg.epochs < 0 or cfg.lr <= 0:
+        raise UsageError("--batch must be >= 1, --epochs >= 0 and --lr > 0")
 
     print(f"model {net.name}: {len(net.layers)} conv layers, {net.forward_macs / 1e6:.2f}M forward MACs")
-    print(f"episode: {len(episode.classes)}-way, {len(support)} support / {len(query)} query images from {source}")
-    support_embeddings = embed(net, support)
-    acc_before = prototype_accuracy(net, support, support_labels, query, query_labels,
-                                    support_embeddings=support_embeddings)
-    print(f"query accuracy before: {100 * acc_before:.2f}%")
-
-    method = plan_method(args.method, net, support, support_labels, budgets, cfg.scale, cfg.momentum > 0,
-                         seed=args.train_seed, embeddings=support_embeddings)
-    report = {"model": net.name, "method": args.method, "data": source,
-              "episode": {"classes": list(episode.classes), "support": len(support), "query": len(query),
-                          "seed": args.seed, "sampler": args.sampler if not args.support else "folders"},
-              "budgets": {"memory_bytes": budgets.memory, "macs": budgets.macs},
-              "forward_macs": net.forward_macs, "accuracy_before": acc_before,
-              "finetune": vars(cfg).copy()}
-    if method.choices:
-        print(f"selection ({args.method}, {method.seconds:.2f} s):")
-        print(f"  {'layer':<24} {'channels':>10} {'score':>12}")
-        for name, kept, total, score in method.choices:
-            print(f"  {name:<24} {kept:>4} / {total:<4} {score:>12.4g}")
-    report["selection"] = [{"layer": n, "channels": k, "out_channels": c, "score": s}
-                           for n, k, c, s in method.choices]
-
-    result = None
-    t_train = 0.0
-    if method.trains:
-        result = finetune(net, method.selection, support, support_labels, cfg, _progress(args.quiet),
-                          method.block_hook)
-        t_train = result.seconds
-        plan = result.plan
-        if args.plan:
-            print(plan.table(verbose=True))
-        from .tinytrain import backward_macs
-        from .autograd import Program
-        macs = backward_macs(Program(net.protonet_graph(cfg.batch, len(episode.classes), cfg.scale,
-                                                        method.block_hook), method.selection,
-                                     cfg.momentum > 0), net.layers)
-        report["memory"] = {"backward_planned_bytes": plan.backward_bytes, "arena_planned_bytes": plan.arena_bytes,
-                            "arena_measured_bytes": result.arena_bytes,
-                            "out_of_arena_step_bytes": result.step_allocations,
-                            "categories": {c: plan.category_bytes(c) for c in plan.by_category(0)},
-                            "no_reuse_bytes": plan.naive_bytes}
-        report["backward_macs"] = macs
-        print("memory plan (batch %d):" % cfg.batch)
-        print("  " + plan.table().replace("\n", "\n  "))
-        print(f"backward memory: planned {plan.backward_bytes / 1024:.1f} KiB (budget {budgets.memory / 1024:.0f} KiB); "
-              f"arena planned {plan.arena_bytes / 1024:.1f} KiB, allocated {result.arena_bytes / 1024:.1f} KiB")
-        print(f"backward MACs: {macs / 1e6:.2f}M (budget {budgets.macs / 1e6:.2f}M, forward {net.forward_macs / 1e6:.2f}M)")
-    acc_after = prototype_accuracy(net, support, support_labels, query, query_labels, method.block_hook) \
-        if method.trains else acc_before
+    print(f"episode: {len(episode.classes)}-way, {len(images.support)} support / {len(images.query)} query "
+          f"images from {source}")
+    report = adapt_episode(net, images.support, episode.support_labels, images.query, episode.query_labels,
+                           args.method, budgets, cfg, log=print, progress=_progress(args.quiet),
+                           load_seconds=t_load)
+    report.update({"model": net.name, "data": source,
+                   "episode": {"classes": list(episode.classes), "support": len(images.support),
+                               "query": len(images.query), "seed": args.seed,
+                               "sampler": "folders" if args.support else args.sampler}})
+    mem = report["memory"]
+    if mem is not None:
+        print(f"memory plan (batch {cfg.batch}):")
+        print("  " + report.pop("plan_table").replace("\n", "\n  "))
+        print(f"backward memory: planned {mem['backward_planned_bytes'] / 1024:.1f} KiB "
+              f"(budget {budgets.memory / 1024:.0f} KiB); arena planned {mem['arena_planned_bytes'] / 1024:.1f} KiB, "
+              f"allocated {mem['arena_allocated_bytes'] / 1024:.1f} KiB; outside the arena during a step: "
+              f"{mem['outside_arena_step_bytes']} bytes")
+        print(f"backward MACs: {report['backward_macs'] / 1e6:.2f}M (budget {budgets.macs / 1e6:.2f}M, "
+              f"forward {net.forward_macs / 1e6:.2f}M)")
+    acc_before, acc_after = report["accuracy_before"], report["accuracy_after"]
     print(f"query accuracy after:  {100 * acc_after:.2f}%  ({100 * (acc_after - acc_before):+.2f})")
-    total = time.perf_counter() - t0
-    report.update({"accuracy_after": acc_after,
-                   "time_seconds": {"load": t_load, "selection": method.seconds, "training": t_train, "total": total},
-                   "losses": {"first": result.losses[0], "last": result.losses[-1], "steps": result.steps}
-                   if result and result.losses else None,
-                   "peak_rss_mb": peak_rss_mb()})
-    print(f"time: load {t_load:.2f} s, Fisher + selection {method.seconds:.2f} s "
-          f"({100 * method.seconds / total:.1f}%), training {t_train:.2f} s, total {total:.2f} s")
+    t = report["time_seconds"]
+    print(f"time: load {t['load']:.2f} s, Fisher + selection {t['selection']:.2f} s "
+          f"({100 * report['selection_share']:.1f}% of load + selection + training), training {t['training']:.2f} s; "
+          f"whole run {time.perf_counter() - t0:.2f} s")
+    report["peak_rss_mb"] = peak_rss_mb()
     print(f"peak RSS: {report['peak_rss_mb']:.1f} MB")
 
     out = Path(args.out)

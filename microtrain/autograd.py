@@ -96,7 +96,17 @@ class _WeightedOp(Op):
     has_params = True
 
     def saved(self, node, shapes, upd):
-        return {"x": Keep(0)} if upd is not None and upd.trains_weight else {}
+        if upd is None or not upd.trains_weight:
+            return {}
+        if upd.inputs is None:
+            return {"x": Keep(0)}
+        # Weights of some input channels only: keep just those channels of the input.
+        return {"x": (shapes[0][:1] + (len(upd.inputs),) + shapes[0][2:], F32)}
+
+    def forward(self, node, out, ins, scratch, save):
+        self.compute(node, out, ins[0])
+        if save and node.update is not None and node.update.inputs is not None and "x" in scratch:
+            np.take(ins[0], node.update.inputs, axis=1, out=scratch["x"])
 
     def backward_weight(self, node, dw, db, dy, saved, upd):
         if dw is not None:
@@ -116,8 +126,8 @@ class Conv2d(_WeightedOp):
         k = node.weight.shape[-1]
         return (n, node.weight.shape[0], _out_size(h, k, self.stride), _out_size(w, k, self.stride))
 
-    def forward(self, node, out, ins, scratch, save):
-        kconv.conv2d_forward(out, ins[0], node.weight, node.bias, self.stride, self.groups)
+    def compute(self, node, out, x):
+        kconv.conv2d_forward(out, x, node.weight, node.bias, self.stride, self.groups)
 
     def backward_input(self, node, dxs, dy, saved):
         kconv.conv2d_backward_input(dxs[0], dy, node.weight, self.stride, self.groups)
@@ -166,8 +176,8 @@ class Pointwise(_WeightedOp):
         n, _, h, w = shapes[0]
         return (n, node.weight.shape[0], h, w)
 
-    def forward(self, node, out, ins, scratch, save):
-        kpw.pointwise_forward(out, ins[0], node.weight, node.bias)
+    def compute(self, node, out, x):
+        kpw.pointwise_forward(out, x, node.weight, node.bias)
 
     def backward_input(self, node, dxs, dy, saved):
         kpw.pointwise_backward_input(dxs[0], dy, node.weight)
@@ -182,8 +192,8 @@ class Linear(_WeightedOp):
     def out_shape(self, node, shapes):
         return (shapes[0][0], node.weight.shape[0])
 
-    def forward(self, node, out, ins, scratch, save):
-        kpw.linear_forward(out, ins[0], node.weight, node.bias)
+    def compute(self, node, out, x):
+        kpw.linear_forward(out, x, node.weight, node.bias)
 
     def backward_input(self, node, dxs, dy, saved):
         kpw.linear_backward_input(dxs[0], dy, node.weight)
@@ -654,7 +664,8 @@ class Program:
             if upd is not None:
                 w = node.weight
                 if upd.trains_weight:
-                    rows = (len(upd.weight),) + w.shape[1:]
+                    cols = w.shape[1] if upd.inputs is None else len(upd.inputs)
+                    rows = (len(upd.weight), cols) + w.shape[2:]
                     nb.dw = new(f"wgrad:{node.name}", memory.GRADIENTS, rows, F32, bwd(node.index), opt)
                     new(f"master:{node.name}:weight", memory.WEIGHTS, rows, F32, 0, opt)
                     if self.momentum:
@@ -671,13 +682,20 @@ class Program:
         self.plan = memory.Plan(buffers, self.steps)
 
 
+def _rows(upd: LayerUpdate):
+    """Index of the trained part of a weight tensor: rows, or rows x input columns."""
+    return upd.weight if upd.inputs is None else np.ix_(upd.weight, upd.inputs)
+
+
 def _check_channels(node: Node, upd: LayerUpdate):
-    out_channels = node.weight.shape[0]
-    for part in ("weight", "bias"):
+    out_channels, in_channels = node.weight.shape[0], node.weight.shape[1]
+    for part, limit in (("weight", out_channels), ("bias", out_channels), ("inputs", in_channels)):
         idx = getattr(upd, part)
-        if idx is not None and len(idx) and (idx[0] < 0 or idx[-1] >= out_channels):
-            raise GraphError(f"{node.name}: {part} channels {idx.tolist()} out of range for "
-                             f"{out_channels} output channels")
+        if idx is not None and len(idx) and (idx[0] < 0 or idx[-1] >= limit):
+            raise GraphError(f"{node.name}: {part} channels {idx.tolist()} out of range for {limit}")
+    if upd.inputs is not None and not (isinstance(node.op, (Pointwise, Linear))
+                                       or (isinstance(node.op, Conv2d) and node.op.groups == 1)):
+        raise GraphError(f"{node.name}: an input-channel subset applies to pointwise and full convs only")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -725,7 +743,7 @@ class Executor:
         for node, upd in self.trained():
             w, b = self.master(node.name)
             if w is not None:
-                np.take(node.weight, upd.weight, axis=0, out=w)
+                np.copyto(w, node.weight[_rows(upd)])
             if b is not None:
                 np.take(node.bias, upd.bias, axis=0, out=b)
             for m in self.momentum(node.name):

@@ -16,7 +16,16 @@ from .model import Network
 from .selection import LayerUpdate, Selection
 from .train import class_prototypes, embed
 
-METHODS = ("none", "tinytrain")
+METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytl", "tinytrain",
+           "tinytrain-fisher", "tinytrain-random", "tinytrain-l2")
+
+# MCUNetV3's SparseUpdate, ~100 KB scheme (configurations in the checkpoints README): biases of the
+# last N convs, and weights of the listed convs (by conv index) on `kept` input channels.
+SPARSE_UPDATE = {
+    "mcunet-5fps": (22, {21: 40, 24: 48, 27: 48, 30: 48, 36: 12, 39: 24}),
+    "mbv2-w0.35": (25, {27: 24, 30: 24, 33: 32, 36: 32, 39: 32, 42: 7, 45: 28, 48: 56}),
+    "proxyless-w0.3": (25, {36: 32, 39: 16, 42: 32, 45: 32, 48: 16, 51: 32, 54: 64, 57: 64}),
+}
 
 
 @dataclass
@@ -32,6 +41,7 @@ class MethodPlan:
     block_hook: object = None  # graph rewrite of each block (TinyTL)
     choices: list = field(default_factory=list)  # (layer, channels kept, out channels, score)
     seconds: float = 0.0  # time spent deciding (Fisher + selection for TinyTrain)
+    momentum: float | None = None  # overrides the fine-tuning momentum (SparseUpdate: plain SGD)
     info: dict = field(default_factory=dict)
 
     @property
@@ -46,19 +56,62 @@ def plan_method(method: str, net: Network, support: np.ndarray, labels: np.ndarr
     start = time.perf_counter()
     if method == "none":
         plan = MethodPlan(method, Selection())
-    elif method == "tinytrain":
-        plan = plan_tinytrain(net, support, labels, budgets, scale, momentum, seed, embeddings=embeddings)
+    elif method == "lastlayer":
+        last = net.layers[-1]
+        plan = MethodPlan(method, full_update(net, [last.name]))
+    elif method == "fulltrain":
+        plan = MethodPlan(method, full_update(net, [layer.name for layer in net.layers]))
+    elif method == "sparseupdate":
+        plan = plan_sparse_update(net)
+    elif method == "tinytl":
+        from .tinytl import plan_tinytl
+
+        plan = plan_tinytl(net, seed)
+    elif method.startswith("tinytrain"):
+        variant = method.partition("-")[2]
+        plan = plan_tinytrain(net, support, labels, budgets, scale, momentum, seed, embeddings=embeddings,
+                              use_costs=variant != "fisher",
+                              static_channels=variant if variant in ("random", "l2") else None)
+        plan.method = method
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     plan.seconds = time.perf_counter() - start
     return plan
 
 
+def plan_sparse_update(net: Network) -> MethodPlan:
+    """MCUNetV3's static policy: biases of the last N convs; listed convs' weights on the input
+    channels with the largest weight L2 norm, chosen once; plain SGD."""
+    if net.name not in SPARSE_UPDATE:
+        raise ValueError(f"no SparseUpdate configuration for {net.name!r} (have {', '.join(SPARSE_UPDATE)})")
+    n_bias, weights = SPARSE_UPDATE[net.name]
+    chosen = {layer.name: LayerUpdate.bias_only(layer.out_channels) for layer in net.layers[-n_bias:]}
+    choices = []
+    for index, kept in weights.items():
+        layer = net.layers[index]
+        w = net.params[layer.name][0]
+        if layer.kind == "depthwise":  # a depthwise input channel is its output channel
+            norms = np.linalg.norm(w.reshape(len(w), -1), axis=1)
+            top = np.sort(np.argsort(-norms, kind="stable")[:kept])
+            chosen[layer.name] = LayerUpdate.channels(top)
+        else:
+            norms = np.linalg.norm(np.moveaxis(w, 1, 0).reshape(w.shape[1], -1), axis=1)
+            top = np.sort(np.argsort(-norms, kind="stable")[:kept])
+            everything = LayerUpdate.full(layer.out_channels)
+            chosen[layer.name] = LayerUpdate(everything.weight, everything.bias, None if kept == layer.in_channels else top)
+        choices.append((layer.name, kept, layer.in_channels, float("nan")))
+    return MethodPlan("sparseupdate", Selection(chosen), choices=choices, momentum=0.0,
+                      info={"bias_layers": n_bias, "weight_layers": {net.layers[i].name: k for i, k in weights.items()}})
+
+
 def plan_tinytrain(net: Network, support: np.ndarray, labels: np.ndarray, budgets: Budgets, scale: float,
-                   momentum: bool, seed: int, use_costs: bool = True,
-                   channel_order: dict[str, np.ndarray] | None = None,
+                   momentum: bool, seed: int, use_costs: bool = True, static_channels: str | None = None,
                    embeddings: np.ndarray | None = None) -> MethodPlan:
-    """Fisher potential on one pass over the support set, Eq. 3 scores, budgeted selection."""
+    """Fisher potential on one pass over the support set, Eq. 3 scores, budgeted selection.
+
+    Ablations: ``use_costs=False`` ranks layers by Fisher potential alone; ``static_channels``
+    ('random' or 'l2') keeps TinyTrain's layers and channel counts but picks the channels at random
+    or by the L2 norm of their weights instead of by Fisher information."""
     ways = int(labels.max()) + 1
     protos = class_prototypes(embed(net, support) if embeddings is None else embeddings, labels, ways)
     # The gradients are those of the fine-tuning loss: augmented support images as pseudo-queries.
@@ -68,12 +121,30 @@ def plan_tinytrain(net: Network, support: np.ndarray, labels: np.ndarray, budget
     potential = tinytrain.fisher_potential(delta)
     scores = tinytrain.multi_objective_scores(net.layers, potential, use_costs)
     graph = net.protonet_graph(1, ways, scale)
-    result = tinytrain.select(graph, net.layers, delta, scores, budgets.memory, budgets.macs, momentum,
-                              channel_order=channel_order)
+    result = tinytrain.select(graph, net.layers, delta, scores, budgets.memory, budgets.macs, momentum)
+    if static_channels is not None:
+        result.selection = _static_channels(net, result.selection, static_channels, rng)
     choices = [(c.name, len(c.channels), c.out_channels, c.score) for c in result.choices]
     return MethodPlan("tinytrain", result.selection, choices=choices,
                       info={"planned_backward_bytes": result.costs.memory, "backward_macs": result.costs.macs,
                             "potential": potential, "scores": scores})
+
+
+def _static_channels(net: Network, selection: Selection, how: str, rng: np.random.Generator) -> Selection:
+    """The same layers and channel counts, channels chosen without the task: at random, or by the
+    largest L2 norm of each output channel's weights."""
+    chosen = {}
+    for name, upd in selection.layers.items():
+        w = net.params[name][0]
+        k = len(upd.weight)
+        if how == "random":
+            rows = rng.choice(len(w), size=k, replace=False)
+        elif how == "l2":
+            rows = np.argsort(-np.linalg.norm(w.reshape(len(w), -1), axis=1), kind="stable")[:k]
+        else:
+            raise ValueError(f"unknown static channel choice {how!r}")
+        chosen[name] = LayerUpdate.channels(rows)
+    return Selection(chosen)
 
 
 def full_update(net: Network, names: list[str]) -> Selection:

@@ -28,7 +28,11 @@ class SGD:
                 if grad is None:
                     continue
                 self._update(master, grad, velocity)
-                param[rows] = master
+                if param is node.weight and upd.inputs is not None:
+                    for j, row in enumerate(rows):  # row by row: a 2-D fancy index would allocate
+                        param[row, upd.inputs] = master[j]
+                else:
+                    param[rows] = master
 
     def _update(self, master: np.ndarray, grad: np.ndarray, velocity: np.ndarray | None) -> None:
         # In place on the gradient buffer, which is dead after this step: no allocation.

@@ -23,10 +23,13 @@ class LayerUpdate:
 
     ``weight`` / ``bias`` are sorted int64 channel indices, or None when frozen. A depthwise layer's
     output channel is also its input channel, so a channel subset there keeps only those inputs.
+    ``inputs`` optionally restricts the trained weights of a pointwise or full conv to some input
+    channels (SparseUpdate's scheme): only those input channels are kept for the backward pass.
     """
 
     weight: np.ndarray | None
     bias: np.ndarray | None
+    inputs: np.ndarray | None = None
 
     @staticmethod
     def full(out_channels: int) -> "LayerUpdate":
@@ -44,7 +47,7 @@ class LayerUpdate:
         return LayerUpdate(chosen, chosen)
 
     def __post_init__(self):
-        for part in ("weight", "bias"):
+        for part in ("weight", "bias", "inputs"):
             value = getattr(self, part)
             if value is not None and not (isinstance(value, np.ndarray) and value.dtype == np.int64):
                 object.__setattr__(self, part, _channels(value))

@@ -110,7 +110,10 @@ def backward_macs(program: Program, layers: list[ConvLayer]) -> int:
             total += layer.macs
         upd = program.updates.get(node.index)
         if upd is not None and upd.trains_weight:
-            total += layer.macs * len(upd.weight) // layer.out_channels
+            share = len(upd.weight) / layer.out_channels
+            if upd.inputs is not None:
+                share *= len(upd.inputs) / layer.in_channels
+            total += int(layer.macs * share)
     return total
 
 

@@ -8,6 +8,7 @@ rows only. Everything a step touches lives in the executor's one planned arena.
 from __future__ import annotations
 
 import time
+import tracemalloc
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -82,6 +83,17 @@ def prototype_accuracy(net: Network, support: np.ndarray, support_labels: np.nda
     return float(np.mean(np.argmax(z @ protos.T, axis=1) == query_labels))
 
 
+def _traced_bytes(work) -> int:
+    """Peak bytes Python and NumPy allocate while ``work`` runs (NumPy reports to tracemalloc):
+    what a backward pass and optimizer step use outside the planned arena."""
+    tracemalloc.start()
+    try:
+        work()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def _embed_in_arena(run: Executor, images: np.ndarray, protos: np.ndarray) -> np.ndarray:
     """Normalised embeddings of uint8 images through the training graph's forward (no saving),
     so prototypes are computed inside the same arena, with whatever the graph adds (TinyTL)."""
@@ -114,7 +126,7 @@ def finetune(net: Network, selection: Selection, support: np.ndarray, labels: np
     x = run.value("image")  # images are written straight into the arena's input buffer
     protos = np.zeros((ways, net.embedding_size), np.float32)
     start = time.perf_counter()
-    step = 0
+    step, outside = 0, 0
     for _ in range(cfg.epochs):
         protos = class_prototypes(_embed_in_arena(run, support, protos), labels, ways)
         order = rng.permutation(n)
@@ -129,9 +141,12 @@ def finetune(net: Network, selection: Selection, support: np.ndarray, labels: np
                     node.weight[...] = w
                     node.bias[...] = b
                 raise TrainingDiverged(step, loss)
-            run.backward()
-            opt.step(run)
+            if step == 1:
+                outside = _traced_bytes(lambda: (run.backward(), opt.step(run)))
+            else:
+                run.backward()
+                opt.step(run)
             losses.append(loss)
             if progress is not None:
                 progress(step, total, loss)
-    return FinetuneResult(step, losses, run.arena.nbytes, run.plan, time.perf_counter() - start)
+    return FinetuneResult(step, losses, run.arena.nbytes, run.plan, time.perf_counter() - start, outside)

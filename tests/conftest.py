@@ -61,7 +61,8 @@ def selections(draw, arch: dict):
 
     chosen = {}
     for layer in layer_specs(arch):
-        kind = draw(st.sampled_from(["frozen", "frozen", "bias", "full", "subset"]))
+        kinds = ["frozen", "frozen", "bias", "full", "subset"] + (["inputs"] if layer.kind != "depthwise" else [])
+        kind = draw(st.sampled_from(kinds))
         if kind == "bias":
             chosen[layer.name] = LayerUpdate.bias_only(layer.out_channels)
         elif kind == "full":
@@ -69,6 +70,10 @@ def selections(draw, arch: dict):
         elif kind == "subset":
             idx = draw(st.lists(st.integers(0, layer.out_channels - 1), min_size=1, unique=True))
             chosen[layer.name] = LayerUpdate.channels(idx)
+        elif kind == "inputs":  # SparseUpdate's scheme: all rows, some input channels
+            idx = draw(st.lists(st.integers(0, layer.in_channels - 1), min_size=1, unique=True))
+            chosen[layer.name] = LayerUpdate.full(layer.out_channels)
+            chosen[layer.name] = LayerUpdate(chosen[layer.name].weight, chosen[layer.name].bias, np.array(idx))
     return Selection(chosen)
 
 
