@@ -164,7 +164,7 @@ def select(graph: Graph, layers: list[ConvLayer], delta: dict[str, np.ndarray], 
     chosen: dict[str, LayerUpdate] = {}
     choices: list[LayerChoice] = []
     current = Costs(0, 0)
-    smallest_need: Costs | None = None
+    closest: tuple[float, str, Costs] | None = None  # the layer nearest to fitting, for the error
     for layer in ranked:
         order = (channel_order or {}).get(layer.name)
         if order is None:
@@ -180,8 +180,10 @@ def select(graph: Graph, layers: list[ConvLayer], delta: dict[str, np.ndarray], 
             return selection_costs(graph, layers, Selection(trial), momentum)
 
         low = cost(floor)
-        if smallest_need is None or (low.memory, low.macs) < (smallest_need.memory, smallest_need.macs):
-            smallest_need = low if not chosen else smallest_need
+        if not chosen:
+            excess = max(low.memory / max(mem_budget, 1), low.macs / max(mac_budget, 1))
+            if closest is None or excess < closest[0]:
+                closest = (excess, f"{layer.name} ({floor} of {layer.out_channels} channels)", low)
         if not low.within(mem_budget, mac_budget):
             continue
         k = _largest_fitting(cost, floor, len(order), low, mem_budget, mac_budget)
@@ -189,9 +191,13 @@ def select(graph: Graph, layers: list[ConvLayer], delta: dict[str, np.ndarray], 
         choices.append(LayerChoice(layer.name, scores[layer.name], np.asarray(order[:k]), layer.out_channels))
         current = cost(k)
     if not chosen:
-        need = smallest_need or Costs(0, 0)
+        if closest is None:
+            raise BudgetError("no layer has channels with non-zero Fisher information to train")
+        _, what, need = closest
         raise BudgetError(f"no layer fits a backward budget of {mem_budget} bytes and {mac_budget} MACs; "
-                          f"the cheapest layer needs {need.memory} bytes and {need.macs} MACs")
+                          f"the nearest, {what}, needs {need.memory} bytes and {need.macs} MACs: "
+                          f"--mem-budget {max(mem_budget, need.memory)} --mac-budget {max(mac_budget, need.macs)} "
+                          f"would admit it")
     return TinyTrainSelection(Selection(chosen), choices, current, scores)
 
 

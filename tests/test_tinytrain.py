@@ -1,0 +1,121 @@
+"""TinyTrain's selection: Fisher potential (Eq. 2), the multi-objective score (Eq. 3), and the
+budgeted greedy layer/channel choice (Algorithm 1)."""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from microtrain import tinytrain
+from microtrain.autograd import Program
+from microtrain.data import to_input
+from microtrain.methods import Budgets, plan_method
+from microtrain.selection import Selection
+
+from conftest import small_net
+
+
+def _episode(net, n=6, ways=3, seed=0):
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (n, 3, net.resolution, net.resolution), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.int64) % ways
+    return images, labels
+
+
+def _protos(net, ways, seed=0):
+    p = np.random.default_rng(seed).standard_normal((ways, net.embedding_size))
+    return (p / np.linalg.norm(p, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_scores_follow_equation_3():
+    net = small_net()
+    potential = {layer.name: float(i + 1) for i, layer in enumerate(net.layers)}
+    scores = tinytrain.multi_objective_scores(net.layers, potential)
+    max_w = max(layer.weight_count for layer in net.layers)
+    max_m = max(layer.macs for layer in net.layers)
+    for layer in net.layers:
+        expected = potential[layer.name] / ((layer.weight_count / max_w) * (layer.macs / max_m))
+        assert scores[layer.name] == pytest.approx(expected)
+    assert tinytrain.multi_objective_scores(net.layers, potential, use_costs=False) == potential
+
+
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_fisher_information_does_not_depend_on_batching(batch):
+    # Each sample's term uses the gradient of its own loss, so chunking (and padding the last
+    # chunk) must not change Delta_o; batch 1 is the plain definition.
+    net = small_net()
+    images, labels = _episode(net, n=5)
+    protos = _protos(net, 3)
+    one = tinytrain.fisher_information(net, images, labels, protos, 10.0, batch=1, prepare=to_input)
+    other = tinytrain.fisher_information(net, images, labels, protos, 10.0, batch=batch, prepare=to_input)
+    for name in one:
+        np.testing.assert_allclose(other[name], one[name], rtol=2e-4, atol=1e-12)
+    assert all(d.shape == (net.layer(n).out_channels,) and (d >= 0).all() for n, d in one.items())
+    potential = tinytrain.fisher_potential(one)
+    assert potential[net.layers[0].name] == pytest.approx(one[net.layers[0].name].sum())
+
+
+def _select(net, mem, macs, momentum=True, seed=0):
+    rng = np.random.default_rng(seed)
+    delta = {layer.name: rng.random(layer.out_channels) * (rng.random() + 0.01) for layer in net.layers}
+    scores = tinytrain.multi_objective_scores(net.layers, tinytrain.fisher_potential(delta))
+    graph = net.protonet_graph(1, 3, 10.0)
+    return tinytrain.select(graph, net.layers, delta, scores, mem, macs, momentum), delta, graph
+
+
+@settings(max_examples=30, deadline=None)
+@given(mem=st.integers(2_000, 200_000), share=st.floats(0.05, 1.5), seed=st.integers(0, 1000))
+def test_selection_stays_within_both_budgets(mem, share, seed):
+    net = small_net()
+    macs = int(share * net.forward_macs)
+    try:
+        result, delta, graph = _select(net, mem, macs, seed=seed)
+    except tinytrain.BudgetError:
+        return
+    program = Program(graph, result.selection, momentum=True)
+    assert program.plan.backward_bytes <= mem
+    assert tinytrain.backward_macs(program, net.layers) <= macs
+    assert result.costs.memory == program.plan.backward_bytes
+    for choice in result.choices:
+        # the kept channels are the layer's top channels by Fisher information
+        ranked = np.argsort(-delta[choice.name], kind="stable")[:len(choice.channels)]
+        assert set(ranked) == set(choice.channels)
+        assert len(choice.channels) >= int(np.ceil(choice.out_channels / 8))
+    names = [c.name for c in result.choices]
+    assert [result.scores[n] for n in names] == sorted((result.scores[n] for n in names), reverse=True)
+
+
+def test_budget_too_small_names_a_budget_that_admits_a_layer():
+    net = small_net()
+    with pytest.raises(tinytrain.BudgetError) as err:
+        _select(net, 100, 100)
+    message = str(err.value)
+    assert "\n" not in message
+    mem, macs = map(int, re.search(r"--mem-budget (\d+) --mac-budget (\d+)", message).groups())
+    result, _, _ = _select(net, mem, macs)
+    assert result.choices
+
+
+def test_same_seed_same_selection():
+    net = small_net()
+    images, labels = _episode(net, n=6)
+    budgets = Budgets(64 * 1024, net.forward_macs)
+    first = plan_method("tinytrain", net, images, labels, budgets, 10.0, True, seed=3)
+    second = plan_method("tinytrain", net, images, labels, budgets, 10.0, True, seed=3)
+    assert first.choices == second.choices
+    for name, upd in first.selection.layers.items():
+        np.testing.assert_array_equal(upd.weight, second.selection.layers[name].weight)
+
+
+@pytest.mark.parametrize("method", ["tinytrain-fisher", "tinytrain-random", "tinytrain-l2"])
+def test_ablations_keep_counts_within_budget(method):
+    net = small_net()
+    images, labels = _episode(net, n=6)
+    budgets = Budgets(64 * 1024, net.forward_macs)
+    plan = plan_method(method, net, images, labels, budgets, 10.0, True, seed=0)
+    program = Program(net.protonet_graph(1, 3, 10.0), plan.selection, True)
+    assert program.plan.backward_bytes <= budgets.memory
+    assert isinstance(plan.selection, Selection) and len(plan.selection) > 0
