@@ -460,6 +460,8 @@ def decode_image(data: bytes, name: str, resolution: int | None = None) -> np.nd
         raise
     except Exception as exc:  # Pillow raises many types for bad data
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "cannot identify image file" in reason:  # Pillow names our in-memory buffer, not the file
+            reason = "not a format Pillow recognises"
         raise DataError(f"{name}: not a decodable image ({reason})") from None
 
 
