@@ -52,7 +52,7 @@ def adapt_episode(net: Network, support: np.ndarray, support_labels: np.ndarray,
         train_seconds = result.seconds
         mem = result.plan
         graph = net.protonet_graph(cfg.batch, int(support_labels.max()) + 1, cfg.scale, plan.block_hook)
-        record["backward_macs"] = backward_macs(Program(graph, plan.selection, cfg.momentum > 0), net.layers)
+        record["backward_macs"] = backward_macs(Program(graph, plan.selection, cfg.momentum > 0))
         record["memory"] = {"backward_planned_bytes": mem.backward_bytes,
                             "arena_planned_bytes": mem.arena_bytes,
                             "arena_allocated_bytes": result.arena_bytes,

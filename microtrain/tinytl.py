@@ -58,6 +58,7 @@ from .autograd import Graph, GraphError, Program, Value
 from .methods import MethodPlan
 from .model import Network, conv_out_size
 from .selection import LayerUpdate, Selection
+from .tinytrain import backward_macs
 
 DOWNSAMPLE = 2
 EXPAND = 1.0
@@ -227,28 +228,6 @@ class LiteResidualHook:
 
     def __repr__(self) -> str:
         return f"LiteResidualHook({len(self.specs)} blocks, {self.param_count} parameters)"
-
-
-def backward_macs(program: Program) -> int:
-    """Backward MACs (batch 1) of a compiled graph, every weighted node included (the lite
-    branches too): the input gradient of each node whose input needs one, plus the weight
-    gradients of its trained rows."""
-    g = program.graph
-    total = 0
-    for node in g.nodes:
-        if not node.op.has_params:
-            continue
-        out = g.values[node.output].shape
-        macs = math.prod(node.weight.shape) * math.prod(out[2:])
-        if any(program.needs_grad[v] for v in node.inputs):
-            total += macs
-        upd = program.updates.get(node.index)
-        if upd is not None and upd.trains_weight:
-            share = len(upd.weight) / node.weight.shape[0]
-            if upd.inputs is not None:
-                share *= len(upd.inputs) / node.weight.shape[1]
-            total += int(macs * share)
-    return total
 
 
 def plan_tinytl(net: Network, seed: int = 0, **defaults) -> MethodPlan:

@@ -97,23 +97,24 @@ def multi_objective_scores(layers: list[ConvLayer], potential: dict[str, float],
 # ------------------------------------------------------------------------------------------------
 
 
-def backward_macs(program: Program, layers: list[ConvLayer]) -> int:
-    """Backward MACs of a compiled training graph: input gradients of every conv layer whose
-    input needs one, plus the weight gradients of the trained channels."""
-    by_name = {layer.name: layer for layer in layers}
+def backward_macs(program: Program) -> int:
+    """Backward MACs per sample of a compiled training graph, every weighted node included (TinyTL's
+    branches too): the input gradient of each node whose input needs one, plus the weight
+    gradients of its trained rows (and input columns)."""
+    g = program.graph
     total = 0
-    for node in program.graph.nodes:
-        layer = by_name.get(node.name)
-        if layer is None:
+    for node in g.nodes:
+        if not node.op.has_params:
             continue
+        macs = math.prod(node.weight.shape) * math.prod(g.values[node.output].shape[2:])
         if any(program.needs_grad[v] for v in node.inputs):
-            total += layer.macs
+            total += macs
         upd = program.updates.get(node.index)
         if upd is not None and upd.trains_weight:
-            share = len(upd.weight) / layer.out_channels
+            share = len(upd.weight) / node.weight.shape[0]
             if upd.inputs is not None:
-                share *= len(upd.inputs) / layer.in_channels
-            total += int(layer.macs * share)
+                share *= len(upd.inputs) / node.weight.shape[1]
+            total += int(macs * share)
     return total
 
 
@@ -126,9 +127,9 @@ class Costs:
         return self.memory <= mem_budget and self.macs <= mac_budget
 
 
-def selection_costs(graph: Graph, layers: list[ConvLayer], selection: Selection, momentum: bool) -> Costs:
+def selection_costs(graph: Graph, selection: Selection, momentum: bool) -> Costs:
     program = Program(graph, selection, momentum)
-    return Costs(program.plan.backward_bytes, backward_macs(program, layers))
+    return Costs(program.plan.backward_bytes, backward_macs(program))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -177,7 +178,7 @@ def select(graph: Graph, layers: list[ConvLayer], delta: dict[str, np.ndarray], 
         def cost(k: int) -> Costs:
             trial = dict(chosen)
             trial[layer.name] = LayerUpdate.channels(order[:k])
-            return selection_costs(graph, layers, Selection(trial), momentum)
+            return selection_costs(graph, Selection(trial), momentum)
 
         low = cost(floor)
         if not chosen:

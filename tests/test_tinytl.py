@@ -10,9 +10,9 @@ from microtrain.methods import Budgets, full_update, plan_method
 from microtrain.model import Network
 from microtrain.optim import SGD
 from microtrain.selection import LayerUpdate, Selection
-from microtrain.tinytl import (LiteResidualHook, backward_macs, largest_group_count, lite_spec, make_divisible,
+from microtrain.tinytrain import backward_macs
+from microtrain.tinytl import (LiteResidualHook, largest_group_count, lite_spec, make_divisible,
                                plan_tinytl)
-from microtrain.tinytrain import backward_macs as backbone_backward_macs
 
 from conftest import need_shared, random_arrays, small_arch, small_net
 
@@ -223,16 +223,15 @@ def test_lite_gradients_match_finite_differences():
     assert checked >= len(tensors) - 2  # the directions were not all trivially flat
 
 
-def test_backward_macs_counts_the_backbone_like_tinytrain():
+def test_backward_macs_count_the_lite_layers_too():
     net = small_net()
-    sel = Selection({"blocks.1.expand": LayerUpdate.channels([0, 3, 5]), "blocks.2.project": LayerUpdate.bias_only(8)})
-    program = Program(net.protonet_graph(1, 3, SCALE), sel)
-    assert backward_macs(program) == backbone_backward_macs(program, net.layers)
     plan = plan_tinytl(net)
+    biases = Selection({n: u for n, u in plan.selection.layers.items() if ".lite." not in n})
+    plain = Program(net.protonet_graph(1, 3, SCALE), biases)
     with_lite = Program(net.protonet_graph(1, 3, SCALE, plan.block_hook), plan.selection)
     lite_macs = sum(s.macs for s in plan.block_hook.specs.values())
     # every lite layer: weight gradient, plus input gradient (the block inputs need one: biases before)
-    assert backward_macs(with_lite) == backbone_backward_macs(with_lite, net.layers) + 2 * lite_macs
+    assert backward_macs(with_lite) == backward_macs(plain) + 2 * lite_macs
     assert plan.info["backward_macs_with_lite"] == backward_macs(with_lite)
 
 

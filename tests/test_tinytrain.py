@@ -13,7 +13,7 @@ from microtrain import tinytrain
 from microtrain.autograd import Program
 from microtrain.data import to_input
 from microtrain.methods import Budgets, plan_method
-from microtrain.selection import Selection
+from microtrain.selection import LayerUpdate, Selection
 
 from conftest import small_net
 
@@ -77,7 +77,7 @@ def test_selection_stays_within_both_budgets(mem, share, seed):
         return
     program = Program(graph, result.selection, momentum=True)
     assert program.plan.backward_bytes <= mem
-    assert tinytrain.backward_macs(program, net.layers) <= macs
+    assert tinytrain.backward_macs(program) <= macs
     assert result.costs.memory == program.plan.backward_bytes
     for choice in result.choices:
         # the kept channels are the layer's top channels by Fisher information
@@ -86,6 +86,16 @@ def test_selection_stays_within_both_budgets(mem, share, seed):
         assert len(choice.channels) >= int(np.ceil(choice.out_channels / 8))
     names = [c.name for c in result.choices]
     assert [result.scores[n] for n in names] == sorted((result.scores[n] for n in names), reverse=True)
+
+
+def test_backward_macs_by_hand():
+    # Training blocks.2.expand on 3 of 24 channels: input gradients of every conv after it, the
+    # weight gradient of 3/24 of its MACs, nothing before it.
+    net = small_net()
+    program = Program(net.protonet_graph(1, 3, 10.0), Selection({"blocks.2.expand": LayerUpdate.channels([0, 3, 5])}))
+    later = [layer for layer in net.layers if layer.index > net.layer("blocks.2.expand").index]
+    expected = sum(layer.macs for layer in later) + net.layer("blocks.2.expand").macs * 3 // 24
+    assert tinytrain.backward_macs(program) == expected
 
 
 def test_budget_too_small_names_a_budget_that_admits_a_layer():
