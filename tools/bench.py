@@ -1,6 +1,9 @@
 """Benchmarks (measurements, not tests).
 
     python tools/bench.py kernels [--threads N] [--repeats R]
+    python tools/bench.py step [--backbones mcunet-5fps,mbv2-w0.35,proxyless-w0.3] [--repeats R]
+                               [--threads T] [--profile missed|all|off]
+    python tools/bench.py rss [--threads T] [--runs K]
 
 ``kernels``: for the MCUNet-5fps (128x128) target shapes at batch 1, the time of forward,
 backward-input and backward-weight (all output channels, and 25% of them) for microtrain next to
@@ -8,16 +11,40 @@ PyTorch CPU measured in the same run with the same thread count, and the ratio m
 has no channel-masked weight gradient, so both weight rows compare against its full one.
 Without torch it prints microtrain's figures only.
 
-To add a subcommand (e.g. ``step`` for whole training steps): write ``cmd_step(args)``, register
-it in ``build_parser`` and time with ``median_time``.
+``step``: per backbone, batch 1 at its resolution, the time of ONE training step (forward +
+backward + SGD update; no data loading or augmentation) of each method -- ``none`` (forward only),
+``lastlayer``, ``fulltrain``, ``sparseupdate`` and one fixed TinyTrain selection (planned once on
+the default task's support set under the default budgets) -- for microtrain (an ``Executor`` on
+``net.protonet_graph(1, ways, scale)``) and for PyTorch (``tools/torch_mbconv.py``, same weights,
+same prototype loss, ``requires_grad`` on the trained layers' parameters only, whole layers since
+torch cannot restrict channels; ``torch.optim.SGD`` with the same momentum). The two are timed
+interleaved batch by batch in one process; the table gives medians, their spread, the ratio, and
+the planned backward memory and backward MACs of each method. Without ``--threads`` each library
+keeps its own default thread count (printed); with it, both are set (OpenBLAS and Numba through
+the environment before NumPy is imported, torch with ``set_num_threads``). ``--profile`` splits
+microtrain's step of the MCUNet methods that miss their target (or all) by op and phase into
+compiled-kernel/BLAS time and Python time, next to torch's profiler's view of its own step.
+
+``rss``: peak RSS and wall time of a whole adaptation of the default task, each in a fresh
+subprocess spawned from a parent that imports neither NumPy nor torch (a child's ``ru_maxrss``
+starts from its parent's RSS when it was spawned, so a heavy parent would inflate it):
+``python -m microtrain.adapt --quiet`` and ``python tools/torch_adapt.py`` (the same task in
+PyTorch, training the layers microtrain's TinyTrain chose, whole), then the ratio, and the RSS a
+bare interpreter and each library's imports account for.
+
+Both ``step`` and ``rss`` print the load average and how much CPU other processes took while they
+ran: on a shared box the figures are only as good as the machine was quiet.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def median_time(fn, repeats: int = 15, min_batch_s: float = 0.002) -> float:
@@ -142,24 +169,696 @@ def cmd_kernels(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- machine load
+def _cpu_ticks() -> dict[int, int]:
+    """utime + stime (clock ticks) of every process now."""
+    ticks = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks[int(entry)] = int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return ticks
+
+
+class OtherCPU:
+    """CPU taken by processes other than this one (and ``exclude``) since construction, in cores."""
+
+    def __init__(self):
+        self.t0, self.ticks = time.monotonic(), _cpu_ticks()
+
+    def cores(self, exclude=()) -> float:
+        now, dt = _cpu_ticks(), max(time.monotonic() - self.t0, 1e-9)
+        skip = {os.getpid(), *exclude}
+        used = sum(t - self.ticks.get(pid, 0) for pid, t in now.items() if pid not in skip)
+        return max(used, 0) / os.sysconf("SC_CLK_TCK") / dt
+
+
+def load_line(label: str, other: OtherCPU | None = None, exclude=()) -> str:
+    """Load averages and, over the interval ``other`` covers, the CPU other processes took;
+    a WARNING when that is more than a quarter of a core."""
+    with open("/proc/loadavg") as f:
+        la = f.read().split()
+    cores = os.cpu_count() or 1
+    line = f"[load {label}] load average {la[0]} {la[1]} {la[2]} ({la[3]} runnable/total), {cores} cores"
+    if other is not None:
+        busy = other.cores(exclude)
+        line += f"; other processes used {busy:.2f} of {cores} cores meanwhile"
+        if busy > 0.25:
+            line += (f"\n  WARNING: the machine is loaded by other processes ({busy:.2f} cores busy besides "
+                     f"this benchmark): times are inflated and noisy, multi-threaded ones most")
+    return line
+
+
+# --------------------------------------------------------------------------- threads
+THREAD_ENV = ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _openblas_threads():
+    """(threads, library file) of the OpenBLAS NumPy loaded, asked through its C API."""
+    import ctypes
+
+    with open("/proc/self/maps") as f:
+        paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
+    for path in sorted(paths):
+        lib = ctypes.CDLL(path)
+        for sym in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                    "openblas_get_num_threads64_", "openblas_get_num_threads"):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                return int(fn()), os.path.basename(path)
+    return None, None
+
+
+def _compiled_kernels():
+    """(every Numba kernel of microtrain.kernels, the names of those compiled parallel=True)."""
+    import microtrain.kernels  # noqa: F401
+
+    every, parallel = [], []
+    for modname, mod in list(sys.modules.items()):
+        if not modname.startswith("microtrain.kernels.") or mod is None:
+            continue
+        for name, obj in vars(mod).items():
+            opts = getattr(obj, "targetoptions", None)
+            if isinstance(opts, dict) and getattr(obj, "py_func", None) is not None:
+                every.append(f"{modname.rsplit('.', 1)[1]}.{name}")
+                if opts.get("parallel"):
+                    parallel.append(every[-1])
+    return every, parallel
+
+
+def thread_report(threads, torch) -> str:
+    import numba
+
+    blas, blas_lib = _openblas_threads()
+    every, parallel = _compiled_kernels()
+    env = ", ".join(f"{k}={os.environ[k]}" for k in THREAD_ENV if k in os.environ) or "none set"
+    how = (f"--threads {threads}: set for both" if threads is not None else
+           "library defaults (nothing set): each uses every core it sees")
+    lines = [f"threads ({how}; cores: {os.cpu_count()}, affinity {len(os.sched_getaffinity(0))}; env: {env})",
+             f"  microtrain: OpenBLAS {blas} ({blas_lib}; NumPy's matmul in the pointwise forward and "
+             f"backward-input), Numba {numba.get_num_threads()} -- but {len(parallel)} of {len(every)} "
+             f"microtrain kernels are compiled parallel=True{(' (' + ', '.join(parallel) + ')') if parallel else ''}, "
+             f"so the Numba kernels run on one thread"]
+    if torch is not None:
+        lines.append(f"  torch {torch.__version__}: intra-op {torch.get_num_threads()}, inter-op "
+                     f"{torch.get_num_interop_threads()} ({torch.__config__.parallel_info().splitlines()[-1].strip()})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- step
+STEP_METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytrain")
+BACKBONES = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
+TARGET_BACKBONE = "mcunet-5fps"
+STEP_TARGETS = {"none": 1.5, "fulltrain": 1.0, "tinytrain": 0.5}  # mt/torch step time, MCUNet
+
+
+def interleaved_times(fns, repeats: int, min_batch_s: float = 0.05, warmup: int = 3) -> list[list[float]]:
+    """Per function, ``repeats`` sorted seconds-per-call, measured in batches that alternate
+    between the functions (first one first on even rounds, last one first on odd rounds).
+
+    Each function is warmed up ``warmup`` calls, then its batch is sized to last ``min_batch_s``
+    (long enough that one library's idle threads spinning after a switch cost little)."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    numbers = []
+    for fn in fns:
+        number = 1
+        while True:
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            if time.perf_counter() - t0 >= min_batch_s or number >= 1 << 16:
+                break
+            number *= 2
+        numbers.append(number)
+    samples: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+        for i in order:
+            fn, number = fns[i], numbers[i]
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            samples[i].append((time.perf_counter() - t0) / number)
+    return [sorted(s) for s in samples]
+
+
+def _median(sorted_times):
+    return sorted_times[len(sorted_times) // 2]
+
+
+def _spread(sorted_times) -> float:
+    """Half the interquartile range as a share of the median."""
+    n = len(sorted_times)
+    return (sorted_times[(3 * n) // 4] - sorted_times[n // 4]) / 2 / _median(sorted_times)
+
+
+def default_task(name: str):
+    """The default task of ``python -m microtrain.adapt`` for backbone ``name``: the network, the
+    episode's images, the budgets and the fine-tuning configuration (batch 1)."""
+    from microtrain import model as mt_model
+    from microtrain.adapt import DEFAULT_DATA, build_parser as adapt_parser, parse_bytes, parse_macs
+    from microtrain.checkpoint import ensure_converted
+    from microtrain.data import EpisodeImages, open_dataset, sample_episode
+    from microtrain.methods import Budgets
+    from microtrain.paths import shared_file
+    from microtrain.train import FinetuneConfig
+
+    d = adapt_parser().parse_args([])
+    net = mt_model.load(ensure_converted(name))
+    episode = sample_episode(open_dataset(shared_file("data", DEFAULT_DATA)), d.way, d.shot, d.query_shots, d.seed)
+    images = EpisodeImages(episode, net.resolution)
+    budgets = Budgets(parse_bytes(d.mem_budget), parse_macs(d.mac_budget, net.forward_macs))
+    cfg = FinetuneConfig(epochs=d.epochs, lr=d.lr, momentum=d.momentum, weight_decay=d.weight_decay,
+                         scale=d.scale, batch=1, seed=d.train_seed)
+    return net, images, budgets, cfg
+
+
+class StepCase:
+    """One method on one backbone: a microtrain step and a torch step on the same input."""
+
+    def __init__(self, method, plan, net0, cfg, x, protos, label, torch):
+        from microtrain.autograd import Executor
+        from microtrain.optim import SGD
+        from microtrain.tinytrain import backward_macs
+        from torch_mbconv import build_torch_model, prototype_loss, set_trainable
+
+        self.method, self.plan = method, plan
+        self.momentum = cfg.momentum if plan.momentum is None else plan.momentum
+        ways = len(protos)
+        # microtrain: its own copy of the weights (SGD writes them), one planned executor.
+        net = net0.copy()
+        self.run = run = Executor(net.protonet_graph(1, ways, cfg.scale), plan.selection,
+                                  momentum=self.momentum > 0)
+        self.feeds = feeds = {"image": x, "prototypes": protos, "labels": label}
+        self.trains = plan.trains
+        if plan.trains:
+            self.opt = opt = SGD(cfg.lr, self.momentum, cfg.weight_decay)
+
+            def mt_step():
+                run.forward(feeds)
+                run.backward()
+                opt.step(run)
+        else:
+            self.opt = None
+
+            def mt_step():
+                run.forward(feeds, train=False)
+        self.mt_step = mt_step
+        self.backward_bytes = run.plan.backward_bytes if plan.trains else 0
+        if plan.trains:  # the signature changed once (it took the layer list); accept both
+            try:
+                self.backward_macs = backward_macs(run.program)
+            except TypeError:
+                self.backward_macs = backward_macs(run.program, net.layers)
+        else:
+            self.backward_macs = 0
+        self.mt_params = sum(a.size for node, _ in run.trained() for a in run.master(node.name) if a is not None)
+        # torch: the same weights; trained layers whole (channel subsets cannot be expressed).
+        self.model = model = build_torch_model(net0.arch, net0.state())
+        names = []
+        for layer, upd in plan.selection.layers.items():
+            if upd.trains_weight:
+                names.append(f"{layer}.weight")
+            if upd.trains_bias:
+                names.append(f"{layer}.bias")
+        params = set_trainable(model, names)
+        self.torch_params = sum(p.numel() for p in params)
+        tx, tp, ty = torch.from_numpy(x.copy()), torch.from_numpy(protos.copy()), torch.from_numpy(label.copy())
+        if params:
+            topt = torch.optim.SGD(params, lr=cfg.lr, momentum=self.momentum, weight_decay=cfg.weight_decay)
+
+            def torch_step():
+                topt.zero_grad()
+                loss = prototype_loss(model.features(tx), tp, ty, cfg.scale)
+                loss.backward()
+                topt.step()
+        else:
+            def torch_step():
+                with torch.no_grad():
+                    prototype_loss(model.features(tx), tp, ty, cfg.scale)
+        self.torch_step = torch_step
+
+
+def _patch_kernels(make):
+    """Replace every compiled kernel of microtrain's op modules, and their NumPy matmul, by
+    ``make(original)`` where the Python wrappers look them up; returns what to restore."""
+    import numpy as np
+
+    patched = []
+    for modname, mod in list(sys.modules.items()):
+        if (not modname.startswith("microtrain.kernels.") or mod is None
+                or modname.rsplit(".", 1)[1] in ("_jit", "reference")):
+            continue
+        for name, obj in list(vars(mod).items()):
+            if name.startswith("_") and (getattr(obj, "py_func", None) is not None or obj is np.matmul):
+                patched.append((mod, name, obj))
+                setattr(mod, name, make(obj))
+    return patched
+
+
+def _unpatch(patched) -> None:
+    for mod, name, obj in patched:
+        setattr(mod, name, obj)
+
+
+def _profile_mt(case: StepCase, steps: int) -> None:
+    """Where microtrain's step goes: each op call of the executor timed, the compiled kernels and
+    BLAS calls inside it timed separately (module globals wrapped for the duration), so each
+    (phase, op) splits into kernel time and Python time (op method + kernel wrapper checks)."""
+    import numpy as np
+    from microtrain.autograd import CrossEntropy  # noqa: F401 - the executor this mirrors
+    from microtrain.kernels import elementwise as kew
+
+    run, opt, feeds = case.run, case.opt, case.feeds
+    plain = median_time(case.mt_step, repeats=15, min_batch_s=0.05)
+    inner = [0.0]
+
+    def wrap(fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                inner[0] += time.perf_counter() - t0
+        return timed
+
+    patched = _patch_kernels(wrap)
+    nodes, resolved = run.graph.nodes, run._resolved
+    per_step: list[dict] = []
+    by_node: dict[tuple[str, str], float] = {}
+
+    def call(stats, key, node_name, fn, *a):
+        c0, t0 = inner[0], time.perf_counter()
+        fn(*a)
+        dt, dc = time.perf_counter() - t0, inner[0] - c0
+        s = stats.setdefault(key, [0, 0.0, 0.0])
+        s[0] += 1
+        s[1] += dt
+        s[2] += dc
+        by_node[(node_name, key[0])] = by_node.get((node_name, key[0]), 0.0) + dt
+
+    try:
+        for i in range(steps + 3):
+            stats: dict = {}
+            for key, array in feeds.items():
+                call(stats, ("feed", "copy"), key, np.copyto, run.value(key), array)
+            for node, r in zip(nodes, resolved):
+                call(stats, ("forward", node.op.kind), node.name, node.op.forward, node, r["out"], r["ins"],
+                     r["scratch"], case.trains)
+            if case.trains:
+                resolved[-1]["dy"][()] = 1.0
+                for node in reversed(nodes):
+                    r = resolved[node.index]
+                    if not r["runs_backward"]:
+                        continue
+                    if node.update is not None:
+                        call(stats, ("backward-weight", node.op.kind), node.name, node.op.backward_weight, node,
+                             r["dw"], r["db"], r["dy"], r["saved"], node.update)
+                    if any(dx is not None for dx in r["dxs"]):
+                        call(stats, ("backward-input", node.op.kind), node.name, node.op.backward_input, node,
+                             r["dxs"], r["dy"], r["saved"])
+                        for total, part in r["accumulate"]:
+                            call(stats, ("backward-input", "accumulate"), node.name, kew.accumulate, total, part)
+                call(stats, ("optimizer", "SGD.step"), "optimizer", opt.step, run)
+            if i == 2:
+                by_node.clear()
+            if i >= 3:  # the first three are warm-up
+                per_step.append(stats)
+    finally:
+        _unpatch(patched)
+    # The same executor step with every compiled kernel and BLAS call replaced by a no-op: what
+    # is left is Python (op methods, kernel wrappers' checks, executor loop, SGD's NumPy calls).
+    patched = _patch_kernels(lambda fn: (lambda *a, **k: 0.0))
+    try:
+        python_only = median_time(case.mt_step, repeats=15, min_batch_s=0.05)
+    finally:
+        _unpatch(patched)
+
+    keys = sorted({k for s in per_step for k in s},
+                  key=lambda k: (["feed", "forward", "backward-weight", "backward-input", "optimizer"].index(k[0]), k[1]))
+
+    def med(key, j):
+        return sorted(s[key][j] if key in s else 0.0 for s in per_step)[len(per_step) // 2]
+
+    rows, tot_call, tot_kernel, tot_calls = [], 0.0, 0.0, 0
+    for key in keys:
+        calls = per_step[0].get(key, [0])[0]
+        t_call, t_kernel = med(key, 1), med(key, 2)
+        rows.append((key, calls, t_call, t_kernel))
+        tot_call, tot_kernel, tot_calls = tot_call + t_call, tot_kernel + t_kernel, tot_calls + calls
+    print(f"  microtrain {case.method}: plain step {plain * 1e3:.2f} ms (median, measured just now); "
+          f"per-op medians over {steps} profiled steps:")
+    print(f"    {'phase':<16} {'op':<16} {'calls':>5} {'total us':>9} {'kernel us':>9} {'python us':>9} "
+          f"{'py us/call':>10} {'share':>6}")
+    for (phase, kind), calls, t_call, t_kernel in rows:
+        print(f"    {phase:<16} {kind:<16} {calls:>5} {t_call * 1e6:>9.0f} {t_kernel * 1e6:>9.0f} "
+              f"{(t_call - t_kernel) * 1e6:>9.0f} {(t_call - t_kernel) * 1e6 / max(calls, 1):>10.1f} "
+              f"{t_call / plain:>6.0%}")
+    print(f"    {'sum of op calls':<33} {tot_calls:>5} {tot_call * 1e6:>9.0f} {tot_kernel * 1e6:>9.0f} "
+          f"{(tot_call - tot_kernel) * 1e6:>9.0f} {(tot_call - tot_kernel) * 1e6 / max(tot_calls, 1):>10.1f}")
+    rest = plain - tot_kernel - python_only
+    print(f"    => step {plain * 1e3:.2f} ms = kernels/BLAS {tot_kernel * 1e3:.2f} ms ({tot_kernel / plain:.0%}) "
+          f"+ Python {python_only * 1e3:.2f} ms ({python_only / plain:.0%}; measured with every kernel and "
+          f"BLAS call stubbed out: {python_only * 1e6 / max(tot_calls, 1):.1f} us per op call x {tot_calls}, "
+          f"executor loop, op methods, wrapper checks and SGD included) + unaccounted {rest * 1e3:.2f} ms "
+          f"({rest / plain:.0%}: noise between the separately measured parts)")
+    top = sorted(by_node.items(), key=lambda kv: -kv[1])[:10]
+    print("    slowest node calls (mean us per step, incl. Python): "
+          + ", ".join(f"{name} {phase} {t / steps * 1e6:.0f}" for (name, phase), t in top))
+    groups: dict[tuple[str, str], float] = {}
+    for (phase, kind), _, t_call, _ in rows:
+        if phase == "optimizer":
+            key = ("optimizer", "forward")
+        elif kind in ("conv", "depthwise", "pointwise", "relu6"):
+            key = (kind, "forward" if phase == "forward" else "backward")
+        else:
+            continue
+        groups[key] = groups.get(key, 0.0) + t_call * 1e6
+    return plain * 1e6, groups
+
+
+def _conv_kind(weight_shape) -> str | None:
+    """depthwise / pointwise / conv from a weight shape (batch is 1, so the weight is the 4-D
+    shape whose first dimension is not)."""
+    if len(weight_shape) != 4:
+        return None
+    if weight_shape[1] == 1 and weight_shape[0] > 1:
+        return "depthwise"
+    return "pointwise" if weight_shape[2] == 1 else "conv"
+
+
+def _profile_torch(case: StepCase, steps: int):
+    """torch's own step under torch.profiler: time per step by the same groups as microtrain's
+    (conv/depthwise/pointwise forward and backward, ReLU6, optimizer), and its top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        case.torch_step()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            case.torch_step()
+        wall = (time.perf_counter() - t0) / steps
+    groups: dict[tuple[str, str], float] = {}
+    for e in prof.key_averages(group_by_input_shape=True):
+        shapes = e.input_shapes or []
+        if e.key == "aten::conv2d" and len(shapes) > 1:  # inclusive: dispatch + the conv itself
+            key, t = (_conv_kind(shapes[1]), "forward"), e.cpu_time_total
+        elif e.key == "aten::convolution_backward" and len(shapes) > 2:  # input and weight grads together
+            key, t = (_conv_kind(shapes[2]), "backward"), e.cpu_time_total
+        elif e.key in ("aten::relu6", "aten::hardtanh", "aten::clamp"):
+            key, t = ("relu6", "forward"), e.self_cpu_time_total
+        elif e.key == "aten::hardtanh_backward":
+            key, t = ("relu6", "backward"), e.self_cpu_time_total
+        elif e.key.startswith("Optimizer.step") or e.key.startswith("Optimizer.zero_grad"):
+            key, t = ("optimizer", "forward"), e.cpu_time_total
+        else:
+            continue
+        groups[key] = groups.get(key, 0.0) + t / steps
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    print(f"  torch {case.method} under torch.profiler ({wall * 1e3:.2f} ms per step with its overhead); "
+          f"top ops by self CPU per step: "
+          + ", ".join(f"{e.key} {e.self_cpu_time_total / steps:.0f} us x{e.count // steps}" for e in events[:8]))
+    return wall * 1e6, groups
+
+
+def _compare(mt_step_us, mt_groups, torch_step_us, torch_groups, torch_plain_us) -> None:
+    print("  side by side, us per step (mt: median op-call times incl. Python; torch: inclusive times "
+          "under the profiler; torch's backward of a conv is input and weight gradient in one call):")
+    print(f"    {'op':<12} {'mt fwd':>8} {'torch fwd':>9} {'mt bwd':>8} {'torch bwd':>9}")
+    rest_mt, rest_t = mt_step_us, torch_step_us
+    for kind in ("conv", "depthwise", "pointwise", "relu6", "optimizer"):
+        vals = [mt_groups.get((kind, "forward"), 0.0), torch_groups.get((kind, "forward"), 0.0),
+                mt_groups.get((kind, "backward"), 0.0), torch_groups.get((kind, "backward"), 0.0)]
+        rest_mt -= vals[0] + vals[2]
+        rest_t -= vals[1] + vals[3]
+        label = "SGD (+zero)" if kind == "optimizer" else kind
+        print(f"    {label:<12} {vals[0]:>8.0f} {vals[1]:>9.0f} {vals[2]:>8.0f} {vals[3]:>9.0f}")
+    print(f"    {'the rest':<12} {rest_mt:>8.0f} {rest_t:>9.0f}   (head, adds, autograd engine / executor, Python)")
+    print(f"    {'step':<12} {mt_step_us:>8.0f} {torch_step_us:>9.0f}   (torch without the profiler: "
+          f"{torch_plain_us:.0f})")
+
+
+def cmd_step(args) -> int:
+    import numpy as np
+
+    try:
+        import torch
+    except ImportError:
+        print("step: torch is not installed; this benchmark compares against it", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from microtrain.data import to_input
+    from microtrain.methods import plan_method
+    from microtrain.train import class_prototypes, embed
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    backbones = [b for b in args.backbones.split(",") if b]
+    print(f"bench.py step: one training step at batch 1; median of {args.repeats} interleaved batches "
+          f"(>= 50 ms each) after warm-up; numpy {np.__version__}, torch {torch.__version__}")
+    print(thread_report(args.threads, torch))
+    other = OtherCPU()
+    time.sleep(1.0)
+    print(load_line("before (1 s sample)", other))
+    verdicts = []
+    for name in backbones:
+        other = OtherCPU()
+        t0 = time.perf_counter()
+        net, images, budgets, cfg = default_task(name)
+        ways = int(images.support_labels.max()) + 1
+        protos = class_prototypes(embed(net, images.support), images.support_labels, ways)
+        x = to_input(images.support[:1])
+        label = images.support_labels[:1].copy()
+        plans = {}
+        for method in STEP_METHODS:
+            plans[method] = plan_method(method, net, images.support, images.support_labels, budgets, cfg.scale,
+                                        cfg.momentum > 0, seed=cfg.seed)
+        cases = [StepCase(m, plans[m], net, cfg, x, protos, label, torch) for m in STEP_METHODS]
+        # parity: the same network and loss on both sides
+        mt_loss = cases[0].run.forward(cases[0].feeds, train=False)
+        with torch.no_grad():
+            from torch_mbconv import prototype_loss
+            t_loss = float(prototype_loss(cases[0].model.features(torch.from_numpy(x)), torch.from_numpy(protos),
+                                          torch.from_numpy(label), cfg.scale))
+        tt = plans["tinytrain"]
+        print(f"\n== {name}: {net.resolution}x{net.resolution}, {len(net.layers)} convs, "
+              f"{net.forward_macs / 1e6:.2f}M forward MACs; task: {ways}-way, {len(images.support)} support images; "
+              f"budgets {budgets.memory / 1024:.0f} KiB / {budgets.macs / 1e6:.2f}M MACs; lr {cfg.lr}, "
+              f"momentum {cfg.momentum} (sparseupdate {plans['sparseupdate'].momentum}); "
+              f"loss on one image: mt {mt_loss:.6f}, torch {t_loss:.6f}")
+        print(f"TinyTrain selection (planned once, {tt.seconds:.2f} s, then fixed): "
+              + "; ".join(f"{n} {k}/{c} channels (score {s:.3g})" for n, k, c, s in tt.choices))
+        su = plans["sparseupdate"].info
+        print(f"SparseUpdate: biases of the last {su['bias_layers']} convs; weights of "
+              + ", ".join(f"{n} ({k} input ch)" for n, k in su["weight_layers"].items()))
+        header = (f"{'method':<13} {'mt params':>9} {'torch params':>12} {'bwd mem KiB':>11} {'bwd MACs':>9} "
+                  f"{'mt ms':>8} {'+-':>4} {'torch ms':>8} {'+-':>4} {'mt/torch':>8}")
+        if name == TARGET_BACKBONE:
+            header += "  target"
+        print(header)
+        print("-" * len(header))
+        results = {}
+        for case in cases:
+            mt_t, torch_t = interleaved_times([case.mt_step, case.torch_step], args.repeats)
+            ratio = _median(mt_t) / _median(torch_t)
+            results[case.method] = (case, _median(mt_t), ratio, _median(torch_t))
+            line = (f"{case.method:<13} {case.mt_params:>9} {case.torch_params:>12} "
+                    f"{case.backward_bytes / 1024:>11.1f} {case.backward_macs / 1e6:>8.2f}M "
+                    f"{_median(mt_t) * 1e3:>8.2f} {_spread(mt_t):>4.0%} {_median(torch_t) * 1e3:>8.2f} "
+                    f"{_spread(torch_t):>4.0%} {ratio:>8.2f}")
+            if name == TARGET_BACKBONE and case.method in STEP_TARGETS:
+                target = STEP_TARGETS[case.method]
+                met = ratio <= target
+                line += f"  <= {target:.1f}x {'met' if met else 'MISSED'}"
+                verdicts.append((case.method, ratio, target, met))
+            print(line, flush=True)
+        print(f"(+- = half the interquartile range over the batches, as a share of the median; bwd mem = the "
+              f"planner's backward memory: weights being updated + gradients/momentum + activations kept; "
+              f"torch trains whole layers, hence its parameter count; {time.perf_counter() - t0:.0f} s)")
+        print(load_line(f"during {name}", other))
+        if name == TARGET_BACKBONE:
+            fwd, torch_tt = results["none"][1], results["tinytrain"][3]
+            print(f"TinyTrain floor: microtrain's forward alone takes {fwd * 1e3:.2f} ms = {fwd / torch_tt:.2f}x "
+                  f"torch's whole TinyTrain step ({torch_tt * 1e3:.2f} ms); the {STEP_TARGETS['tinytrain']}x target "
+                  f"needs microtrain's whole step under {STEP_TARGETS['tinytrain'] * torch_tt * 1e3:.2f} ms")
+        if args.profile != "off" and (name == TARGET_BACKBONE or args.profile == "all"):
+            chosen = [m for m in STEP_METHODS if args.profile == "all"
+                      or (name == TARGET_BACKBONE and m in STEP_TARGETS and results[m][2] > STEP_TARGETS[m])]
+            for method in chosen:
+                print(f"\nprofile of {name} {method} (target {STEP_TARGETS.get(method, '-')}x, "
+                      f"ratio {results[method][2]:.2f}):")
+                case = results[method][0]
+                mt_us, mt_groups = _profile_mt(case, steps=args.profile_steps)
+                t_us, t_groups = _profile_torch(case, steps=args.profile_steps)
+                _compare(mt_us, mt_groups, t_us, t_groups, results[method][3] * 1e6)
+    if verdicts:
+        print(f"\ntargets ({TARGET_BACKBONE}, mt/torch step time in this run): "
+              + "; ".join(f"{m} {r:.2f}x vs <= {t:.1f}x {'met' if ok else 'MISSED'}" for m, r, t, ok in verdicts))
+    print(load_line("at end"))
+    return 0
+
+
+# --------------------------------------------------------------------------- rss
+def _spawn(cmd, env, log_path):
+    """Run ``cmd`` to completion; (exit status, wall seconds, peak RSS MB of that child alone,
+    CPU other processes took meanwhile in cores)."""
+    import subprocess
+
+    other = OtherCPU()
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, wall, usage.ru_maxrss / 1024, other.cores(exclude=(proc.pid,))
+
+
+IMPORT_STAGES = [
+    ("bare python", "pass"),
+    ("import numpy", "import numpy"),
+    ("import numpy, numba", "import numpy, numba"),
+    ("import microtrain engine (kernels from Numba's cache)", "import microtrain.autograd, microtrain.methods"),
+    ("import numpy, torch", "import numpy, torch"),
+]
+
+
+def cmd_rss(args) -> int:
+    import json
+    import tempfile
+
+    env = dict(os.environ)
+    if args.threads is not None:
+        for key in THREAD_ENV:
+            env[key] = str(args.threads)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"bench.py rss: peak RSS of a whole adaptation of the default task, each a fresh child "
+          f"(ru_maxrss from wait4 of that child); threads: "
+          f"{'library defaults' if args.threads is None else f'{args.threads} (OpenBLAS, Numba, OpenMP, MKL env)'}; "
+          f"this parent's RSS {own:.1f} MB (imports neither NumPy nor torch: a child's peak cannot read below it)")
+    other = OtherCPU()
+    time.sleep(1.0)
+    print(load_line("before (1 s sample)", other))
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="bench-rss-") as tmp:
+        tmp = Path(tmp)
+        runs = {"microtrain": [], "torch": []}
+        for k in range(args.runs):
+            mt_out = tmp / f"mt{k}"
+            status, wall, rss, busy = _spawn([sys.executable, "-m", "microtrain.adapt", "--quiet", "--out", str(mt_out)],
+                                             env, tmp / f"mt{k}.log")
+            log = (tmp / f"mt{k}.log").read_text()
+            if status != 0:
+                print(f"microtrain.adapt failed (exit {status}):\n{log}")
+                return 1
+            report = json.loads((mt_out / "report.json").read_text())
+            runs["microtrain"].append((wall, rss, busy, report))
+            layers = [c["layer"] for c in report["selection"]]
+            t_cmd = [sys.executable, str(ROOT / "tools" / "torch_adapt.py"), "--out", str(tmp / f"torch{k}"),
+                     "--layers", ",".join(layers), "--epochs", str(report["finetune"]["epochs"])]
+            if args.threads is not None:
+                t_cmd += ["--threads", str(args.threads)]
+            status, wall, rss, busy2 = _spawn(t_cmd, env, tmp / f"torch{k}.log")
+            tlog = (tmp / f"torch{k}.log").read_text()
+            if status != 0:
+                print(f"torch_adapt.py failed (exit {status}):\n{tlog}")
+                return 1
+            treport = json.loads((tmp / f"torch{k}" / "report.json").read_text())
+            runs["torch"].append((wall, rss, busy2, treport))
+            if k == 0:
+                print("\nmicrotrain: " + " ".join(sys.executable.split("/")[-1:]) + " -m microtrain.adapt --quiet --out <tmp>")
+                print("  " + log.strip().replace("\n", "\n  "))
+                print(f"torch: python tools/torch_adapt.py --layers {','.join(layers)} --out <tmp>")
+                print("  " + tlog.strip().replace("\n", "\n  "))
+        print()
+        header = f"{'run':<12} {'peak RSS MB':>11} {'wall s':>8} {'training s':>10} {'acc before':>10} {'acc after':>9} {'other CPU':>9}"
+        print(header)
+        print("-" * len(header))
+        for k in range(args.runs):
+            wall, rss, busy, rep = runs["microtrain"][k]
+            print(f"{'microtrain':<12} {rss:>11.1f} {wall:>8.2f} {rep['time_seconds']['training']:>10.2f} "
+                  f"{100 * rep['accuracy_before']:>9.1f}% {100 * rep['accuracy_after']:>8.1f}% {busy:>9.2f}")
+            wall, rss, busy, rep = runs["torch"][k]
+            print(f"{'torch':<12} {rss:>11.1f} {wall:>8.2f} {rep['time_seconds']['training']:>10.2f} "
+                  f"{100 * rep['accuracy_before']:>9.1f}% {100 * rep['accuracy_after']:>8.1f}% {busy:>9.2f}")
+        mt_rss = sorted(r[1] for r in runs["microtrain"])[args.runs // 2]
+        t_rss = sorted(r[1] for r in runs["torch"])[args.runs // 2]
+        mt_wall = sorted(r[0] for r in runs["microtrain"])[args.runs // 2]
+        t_wall = sorted(r[0] for r in runs["torch"])[args.runs // 2]
+        ratio = mt_rss / t_rss
+        print(f"(other CPU = cores other processes used while that run went; training s = the run's own fine-tuning "
+              f"time, augmentation included; microtrain trains TinyTrain's channels, torch those layers whole)")
+        print(f"\npeak RSS: microtrain {mt_rss:.1f} MB, torch {t_rss:.1f} MB, ratio {ratio:.2f} "
+              f"(target <= 0.5: {'met' if ratio <= 0.5 else 'MISSED'}); wall: microtrain {mt_wall:.2f} s, "
+              f"torch {t_wall:.2f} s, ratio {mt_wall / t_wall:.2f}")
+        print("\nwhere the RSS comes from: peak RSS of a child that only imports")
+        for label, code in IMPORT_STAGES:
+            status, wall, rss, _ = _spawn([sys.executable, "-c", code], env, tmp / "stage.log")
+            failures += status != 0
+            print(f"  {label:<55} {rss:>7.1f} MB  ({wall:.2f} s){'  FAILED' if status else ''}")
+    print(load_line("at end"))
+    return 1 if failures else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1,
-                        help="threads for numba, torch and OpenBLAS (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for numba, torch and OpenBLAS (kernels: default 1; step, rss: default "
+                             "each library's own)")
     parser.add_argument("--repeats", type=int, default=15, help="batches per median (default 15)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("kernels", help="per-kernel times next to PyTorch at the MCUNet target shapes")
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="threads (default 1)")
+    p.add_argument("--repeats", type=int, default=argparse.SUPPRESS, help="batches per median (default 15)")
     p.set_defaults(func=cmd_kernels)
+    p = sub.add_parser("step", help="one whole training step per method next to PyTorch, three backbones")
+    p.add_argument("--backbones", default=",".join(BACKBONES), help="comma-separated (default %(default)s)")
+    # Accepted after the subcommand too; SUPPRESS keeps a value given before it.
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                   help="set both libraries' thread counts (default: each library's own)")
+    p.add_argument("--repeats", type=int, default=argparse.SUPPRESS, help="batches per median (default 15)")
+    p.add_argument("--profile", choices=("missed", "all", "off"), default="missed",
+                   help="profile microtrain's step of the MCUNet methods that miss their target (default), of "
+                        "every method on every backbone, or none")
+    p.add_argument("--profile-steps", type=int, default=50, help="steps per profile (default %(default)s)")
+    p.set_defaults(func=cmd_step)
+    p = sub.add_parser("rss", help="peak RSS and wall time of a whole adaptation, microtrain vs PyTorch")
+    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+                   help="thread count for both children (default: each library's own)")
+    p.add_argument("--runs", type=int, default=1, help="runs of each, alternating (default %(default)s)")
+    p.set_defaults(func=cmd_rss)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    # OpenBLAS (NumPy's matmul, used by the pointwise kernels) reads its thread count when
-    # NumPy is first imported, so set it before any import of numpy.
-    if "numpy" not in sys.modules:
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    if args.command == "kernels":
+        args.threads = 1 if args.threads is None else args.threads
+        # OpenBLAS (NumPy's matmul, used by the pointwise kernels) reads its thread count when
+        # NumPy is first imported, so set it before any import of numpy.
+        if "numpy" not in sys.modules:
+            os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
+    elif args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("--threads must be >= 1")
+        wanted = {key: str(args.threads) for key in THREAD_ENV}
+        if "numpy" in sys.modules and any(os.environ.get(k) != v for k, v in wanted.items()):
+            if argv is not None:
+                raise SystemExit("--threads: NumPy is already imported in this process, so OpenBLAS/Numba "
+                                 "would ignore it; run bench.py as a script")
+            os.environ.update(wanted)  # too late for this process: start again with it set
+            os.execv(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]])
+        os.environ.update(wanted)
+    sys.path.insert(0, str(ROOT))
     return args.func(args)
 
 
