@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -68,6 +69,8 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="runs/tune.json")
     args = p.parse_args(argv)
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = "1"  # inherited by the workers, which import NumPy after this: one core each
     lrs = [float(v) for v in args.lrs.split(",")]
     tasks = [(args.backbone, d, int(s), args.method, lrs) for d in args.domains.split(",")
              for s in args.seeds.split(",")]
