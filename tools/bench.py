@@ -198,7 +198,7 @@ class OtherCPU:
         return max(used, 0) / os.sysconf("SC_CLK_TCK") / dt
 
 
-def load_line(label: str, other: OtherCPU | None = None, exclude=()) -> str:
+def load_line(label: str, other: OtherCPU | None = None, exclude=(), threads: int | None = None) -> str:
     """Load averages and, over the interval ``other`` covers, the CPU other processes took;
     a WARNING when that is more than a quarter of a core."""
     with open("/proc/loadavg") as f:
@@ -211,6 +211,10 @@ def load_line(label: str, other: OtherCPU | None = None, exclude=()) -> str:
         if busy > 0.25:
             line += (f"\n  WARNING: the machine is loaded by other processes ({busy:.2f} cores busy besides "
                      f"this benchmark): times are inflated and noisy, multi-threaded ones most")
+            if threads is not None and threads > 1 and threads + busy > cores:
+                line += (f"\n  WARNING: {threads} threads per library + {busy:.2f} busy cores > {cores} cores: "
+                         f"a multi-threaded op waits for its descheduled thread, so these times measure the "
+                         f"scheduler more than the code; compare with --threads 1")
     return line
 
 
@@ -683,7 +687,7 @@ def cmd_step(args) -> int:
         print(f"(+- = half the interquartile range over the batches, as a share of the median; bwd mem = the "
               f"planner's backward memory: weights being updated + gradients/momentum + activations kept; "
               f"torch trains whole layers, hence its parameter count; {time.perf_counter() - t0:.0f} s)")
-        print(load_line(f"during {name}", other))
+        print(load_line(f"during {name}", other, threads=max(torch.get_num_threads(), _openblas_threads()[0] or 1)))
         if name == TARGET_BACKBONE:
             fwd, torch_tt = results["none"][1], results["tinytrain"][3]
             print(f"TinyTrain floor: microtrain's forward alone takes {fwd * 1e3:.2f} ms = {fwd / torch_tt:.2f}x "
@@ -722,12 +726,25 @@ def _spawn(cmd, env, log_path):
     return proc.returncode, wall, usage.ru_maxrss / 1024, other.cores(exclude=(proc.pid,))
 
 
+_LOAD_EPISODE = ("from microtrain.data import EpisodeImages, open_dataset, sample_episode\n"
+                 "from microtrain.paths import shared_file\n"
+                 "ep = sample_episode(open_dataset(shared_file('data', 'traffic_sign.zip')), 10, 5, 10, 0)\n"
+                 "images = EpisodeImages(ep, 128)\n")
 IMPORT_STAGES = [
     ("bare python", "pass"),
     ("import numpy", "import numpy"),
     ("import numpy, numba", "import numpy, numba"),
     ("import microtrain engine (kernels from Numba's cache)", "import microtrain.autograd, microtrain.methods"),
+    ("+ load the weights, decode the episode (adapt before training)",
+     "import microtrain.autograd, microtrain.methods\nfrom microtrain import model\n"
+     "from microtrain.checkpoint import ensure_converted\nnet = model.load(ensure_converted('mcunet-5fps'))\n"
+     + _LOAD_EPISODE),
     ("import numpy, torch", "import numpy, torch"),
+    ("+ the torch model, decode the episode (torch_adapt before training)",
+     "import sys, torch\nsys.path.insert(0, 'tools')\nfrom torch_mbconv import build_torch_model\n"
+     "from microtrain.checkpoint import ensure_converted, load_weights\n"
+     "m = build_torch_model(*load_weights(ensure_converted('mcunet-5fps')))\n" + _LOAD_EPISODE
+     + "assert 'numba' not in sys.modules\n"),
 ]
 
 
@@ -800,11 +817,11 @@ def cmd_rss(args) -> int:
         print(f"\npeak RSS: microtrain {mt_rss:.1f} MB, torch {t_rss:.1f} MB, ratio {ratio:.2f} "
               f"(target <= 0.5: {'met' if ratio <= 0.5 else 'MISSED'}); wall: microtrain {mt_wall:.2f} s, "
               f"torch {t_wall:.2f} s, ratio {mt_wall / t_wall:.2f}")
-        print("\nwhere the RSS comes from: peak RSS of a child that only imports")
+        print("\nwhere the RSS comes from: peak RSS of a child that only does this")
         for label, code in IMPORT_STAGES:
             status, wall, rss, _ = _spawn([sys.executable, "-c", code], env, tmp / "stage.log")
             failures += status != 0
-            print(f"  {label:<55} {rss:>7.1f} MB  ({wall:.2f} s){'  FAILED' if status else ''}")
+            print(f"  {label:<68} {rss:>7.1f} MB  ({wall:.2f} s){'  FAILED' if status else ''}")
     print(load_line("at end"))
     return 1 if failures else 0
 
