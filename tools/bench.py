@@ -171,7 +171,8 @@ def cmd_kernels(args) -> int:
 
 # --------------------------------------------------------------------------- machine load
 def _cpu_ticks() -> dict[int, int]:
-    """utime + stime (clock ticks) of every process now."""
+    """utime + stime + cutime + cstime (clock ticks) of every process now: a process that exits
+    and is reaped carries its time over to its parent's cutime/cstime."""
     ticks = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -179,7 +180,7 @@ def _cpu_ticks() -> dict[int, int]:
         try:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            ticks[int(entry)] = int(fields[11]) + int(fields[12])
+            ticks[int(entry)] = sum(int(v) for v in fields[11:15])
         except (OSError, IndexError, ValueError):
             pass
     return ticks
@@ -194,7 +195,9 @@ class OtherCPU:
     def cores(self, exclude=()) -> float:
         now, dt = _cpu_ticks(), max(time.monotonic() - self.t0, 1e-9)
         skip = {os.getpid(), *exclude}
-        used = sum(t - self.ticks.get(pid, 0) for pid, t in now.items() if pid not in skip)
+        # totals now minus totals then: a process gone since then is made up for by its parent
+        used = (sum(t for pid, t in now.items() if pid not in skip)
+                - sum(t for pid, t in self.ticks.items() if pid not in skip))
         return max(used, 0) / os.sysconf("SC_CLK_TCK") / dt
 
 
