@@ -31,8 +31,8 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class FinetuneConfig:
-    epochs: int = 10  # passes over the support set
-    lr: float = 1e-3
+    epochs: int = 40  # passes over the support set (the paper: 40 iterations)
+    lr: float = 3e-3
     momentum: float = 0.9
     weight_decay: float = 0.0
     scale: float = 10.0  # cosine logits are multiplied by this
