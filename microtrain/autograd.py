@@ -662,24 +662,28 @@ class Program:
                 nb.dxs[k] = grad[v]
             upd = self.updates.get(node.index)
             if upd is not None:
-                w = node.weight
-                if upd.trains_weight:
-                    cols = w.shape[1] if upd.inputs is None else len(upd.inputs)
-                    rows = (len(upd.weight), cols) + w.shape[2:]
-                    nb.dw = new(f"wgrad:{node.name}", memory.GRADIENTS, rows, F32, bwd(node.index), opt)
-                    new(f"master:{node.name}:weight", memory.WEIGHTS, rows, F32, 0, opt)
+                # Compact gradient, the arena's copy of the trained rows, and their momentum.
+                for part, shape in _trained_shapes(node, upd).items():
+                    grad_name = new(f"{part}grad:{node.name}", memory.GRADIENTS, shape, F32, bwd(node.index), opt)
+                    setattr(nb, f"d{part[0]}", grad_name)
+                    new(f"master:{node.name}:{part}", memory.WEIGHTS, shape, F32, 0, opt)
                     if self.momentum:
-                        new(f"momentum:{node.name}:weight", memory.GRADIENTS, rows, F32, 0, opt)
-                if upd.trains_bias:
-                    rows = (len(upd.bias),)
-                    nb.db = new(f"bgrad:{node.name}", memory.GRADIENTS, rows, F32, bwd(node.index), opt)
-                    new(f"master:{node.name}:bias", memory.WEIGHTS, rows, F32, 0, opt)
-                    if self.momentum:
-                        new(f"momentum:{node.name}:bias", memory.GRADIENTS, rows, F32, 0, opt)
+                        new(f"momentum:{node.name}:{part}", memory.GRADIENTS, shape, F32, 0, opt)
         self.grad_of = grad
         self.storage_of = storage
         self.nodes = plan_nodes
         self.plan = memory.Plan(buffers, self.steps)
+
+
+def _trained_shapes(node: Node, upd: LayerUpdate) -> dict[str, tuple[int, ...]]:
+    """Shapes of the trained part of a layer: weight rows (x input columns) and bias entries."""
+    shapes = {}
+    if upd.trains_weight:
+        cols = node.weight.shape[1] if upd.inputs is None else len(upd.inputs)
+        shapes["weight"] = (len(upd.weight), cols) + node.weight.shape[2:]
+    if upd.trains_bias:
+        shapes["bias"] = (len(upd.bias),)
+    return shapes
 
 
 def _rows(upd: LayerUpdate):

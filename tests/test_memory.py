@@ -128,4 +128,4 @@ def test_plan_prints_categories_and_buffers():
     text = plan.table(verbose=True)
     for category in memory.CATEGORIES:
         assert category in text
-    assert "wgrad:blocks.2.project" in text and "arena:" in text
+    assert "weightgrad:blocks.2.project" in text and "arena:" in text
