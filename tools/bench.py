@@ -281,15 +281,21 @@ def thread_report(threads, torch) -> str:
 STEP_METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytrain")
 BACKBONES = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
 TARGET_BACKBONE = "mcunet-5fps"
+PAUSE_S = 0.3  # before each timed batch when a library runs more than one thread
 STEP_TARGETS = {"none": 1.5, "fulltrain": 1.0, "tinytrain": 0.5}  # mt/torch step time, MCUNet
 
 
-def interleaved_times(fns, repeats: int, min_batch_s: float = 0.05, warmup: int = 3) -> list[list[float]]:
+def interleaved_times(fns, repeats: int, min_batch_s: float = 0.05, warmup: int = 3,
+                      pause_s: float = 0.0) -> list[list[float]]:
     """Per function, ``repeats`` sorted seconds-per-call, measured in batches that alternate
     between the functions (first one first on even rounds, last one first on odd rounds).
 
-    Each function is warmed up ``warmup`` calls, then its batch is sized to last ``min_batch_s``
-    (long enough that one library's idle threads spinning after a switch cost little)."""
+    Each function is warmed up ``warmup`` calls, then its batch is sized to last ``min_batch_s``.
+    ``pause_s`` > 0 sleeps before every batch: an idle OpenBLAS worker keeps spinning on a core for
+    about 0.1 s after its last call (and OpenMP workers for a while too), which slows whatever runs
+    next on a 2-core box, so with multi-threaded libraries the other library's threads must first
+    go to sleep. One untimed call after the pause wakes the library's own threads, as a training
+    loop's previous step would have."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -309,6 +315,9 @@ def interleaved_times(fns, repeats: int, min_batch_s: float = 0.05, warmup: int 
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
             fn, number = fns[i], numbers[i]
+            if pause_s > 0:
+                time.sleep(pause_s)
+            fn()
             t0 = time.perf_counter()
             for _ in range(number):
                 fn()
@@ -632,6 +641,10 @@ def cmd_step(args) -> int:
     print(f"bench.py step: one training step at batch 1; median of {args.repeats} interleaved batches "
           f"(>= 50 ms each) after warm-up; numpy {np.__version__}, torch {torch.__version__}")
     print(thread_report(args.threads, torch))
+    multi = max(torch.get_num_threads(), _openblas_threads()[0] or 1) > 1
+    pause = PAUSE_S if multi else 0.0
+    print(f"interleaving: {f'a {pause:.1f} s pause before every batch (idle OpenBLAS/OpenMP workers spin ~0.1 s and would slow the other library), then' if multi else 'single-threaded libraries: no pause between batches;'} "
+          f"one untimed call, then the timed batch")
     other = OtherCPU()
     time.sleep(1.0)
     print(load_line("before (1 s sample)", other))
@@ -674,7 +687,7 @@ def cmd_step(args) -> int:
         print("-" * len(header))
         results = {}
         for case in cases:
-            mt_t, torch_t = interleaved_times([case.mt_step, case.torch_step], args.repeats)
+            mt_t, torch_t = interleaved_times([case.mt_step, case.torch_step], args.repeats, pause_s=pause)
             ratio = _median(mt_t) / _median(torch_t)
             results[case.method] = (case, _median(mt_t), ratio, _median(torch_t))
             line = (f"{case.method:<13} {case.mt_params:>9} {case.torch_params:>12} "
