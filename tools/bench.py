@@ -258,14 +258,18 @@ def _compiled_kernels():
     return every, parallel
 
 
-def thread_report(threads, torch) -> str:
+def thread_report(threads, torch, policy=None) -> str:
+    policy = policy or {}
     import numba
 
     blas, blas_lib = _openblas_threads()
     every, parallel = _compiled_kernels()
     env = ", ".join(f"{k}={os.environ[k]}" for k in THREAD_ENV if k in os.environ) or "none set"
     how = (f"--threads {threads}: set for both" if threads is not None else
-           "library defaults (nothing set): each uses every core it sees")
+           "each library's own default: microtrain's import set " + (", ".join(f"{k}={v}" for k, v in policy.items())
+                                                                   or "nothing") +
+           (" (OMP/MKL removed again before torch was imported)" if policy else "")
+           + "; torch uses every core it sees")
     lines = [f"threads ({how}; cores: {os.cpu_count()}, affinity {len(os.sched_getaffinity(0))}; env: {env})",
              f"  microtrain: OpenBLAS {blas} ({blas_lib}; NumPy's matmul in the pointwise forward and "
              f"backward-input), Numba {numba.get_num_threads()} -- but {len(parallel)} of {len(every)} "
@@ -640,7 +644,7 @@ def cmd_step(args) -> int:
     backbones = [b for b in args.backbones.split(",") if b]
     print(f"bench.py step: one training step at batch 1; median of {args.repeats} interleaved batches "
           f"(>= 50 ms each) after warm-up; numpy {np.__version__}, torch {torch.__version__}")
-    print(thread_report(args.threads, torch))
+    print(thread_report(args.threads, torch, getattr(args, "policy", None)))
     multi = max(torch.get_num_threads(), _openblas_threads()[0] or 1) > 1
     pause = PAUSE_S if multi else 0.0
     print(f"interleaving: {f'a {pause:.1f} s pause before every batch (idle OpenBLAS/OpenMP workers spin ~0.1 s and would slow the other library), then' if multi else 'single-threaded libraries: no pause between batches;'} "
@@ -796,8 +800,12 @@ def cmd_rss(args) -> int:
             report = json.loads((mt_out / "report.json").read_text())
             runs["microtrain"].append((wall, rss, busy, report))
             layers = [c["layer"] for c in report["selection"]]
+            ft = report["finetune"]  # the fine-tuning microtrain ran, passed on whole
             t_cmd = [sys.executable, str(ROOT / "tools" / "torch_adapt.py"), "--out", str(tmp / f"torch{k}"),
-                     "--layers", ",".join(layers), "--epochs", str(report["finetune"]["epochs"])]
+                     "--layers", ",".join(layers), "--seed", str(report["episode"]["seed"])]
+            for key in ("epochs", "lr", "momentum", "weight_decay", "scale", "batch"):
+                t_cmd += [f"--{key.replace('_', '-')}", str(ft[key])]
+            t_cmd += ["--train-seed", str(ft["seed"])]
             if args.threads is not None:
                 t_cmd += ["--threads", str(args.threads)]
             status, wall, rss, busy2 = _spawn(t_cmd, env, tmp / f"torch{k}.log")
@@ -808,9 +816,9 @@ def cmd_rss(args) -> int:
             treport = json.loads((tmp / f"torch{k}" / "report.json").read_text())
             runs["torch"].append((wall, rss, busy2, treport))
             if k == 0:
-                print("\nmicrotrain: " + " ".join(sys.executable.split("/")[-1:]) + " -m microtrain.adapt --quiet --out <tmp>")
+                print("\nmicrotrain: python -m microtrain.adapt --quiet --out <tmp>")
                 print("  " + log.strip().replace("\n", "\n  "))
-                print(f"torch: python tools/torch_adapt.py --layers {','.join(layers)} --out <tmp>")
+                print(f"torch: python tools/torch_adapt.py {' '.join(t_cmd[2:]).replace(str(tmp / f'torch{k}'), '<tmp>')}")
                 print("  " + tlog.strip().replace("\n", "\n  "))
         print()
         header = f"{'run':<12} {'peak RSS MB':>11} {'wall s':>8} {'training s':>10} {'acc before':>10} {'acc after':>9} {'other CPU':>9}"
@@ -880,6 +888,18 @@ def main(argv=None) -> int:
         # NumPy is first imported, so set it before any import of numpy.
         if "numpy" not in sys.modules:
             os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
+    elif args.threads is None and args.command == "step":
+        # Each library's own default. microtrain's import sets its BLAS policy (OpenBLAS, and with
+        # it OMP/MKL, to one thread unless the user set them) before NumPy loads; the OMP/MKL
+        # variables it adds would also make torch single-threaded in this shared process, so
+        # they are removed again before torch (which loads NumPy) is imported.
+        before = {key: os.environ.get(key) for key in THREAD_ENV}
+        sys.path.insert(0, str(ROOT))
+        import microtrain  # noqa: F401
+        args.policy = {key: os.environ[key] for key in THREAD_ENV if before[key] is None and key in os.environ}
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            if before[key] is None:
+                os.environ.pop(key, None)
     elif args.threads is not None:
         if args.threads < 1:
             raise SystemExit("--threads must be >= 1")

@@ -2,11 +2,13 @@
 ``tools/bench.py rss`` (peak RSS and wall time of a whole adaptation, next to microtrain's).
 
     python tools/torch_adapt.py [--layers blocks.13.depthwise,blocks.12.depthwise,blocks.13.expand]
-                                [--epochs 10] [--threads T] [--out runs/torch_adapt]
+                                [--epochs 40] [--threads T] [--out runs/torch_adapt]
 
 Same task as ``python -m microtrain.adapt`` with no arguments: MCUNet-5fps from its converted
 weight file (``microtrain.checkpoint`` reads it with NumPy only), the 10-way 5-shot Traffic Sign
-episode of seed 0, cosine prototype head at scale 10, batch 1, SGD lr 1e-3 momentum 0.9,
+episode of seed 0, cosine prototype head at scale 10, batch 1, SGD lr 3e-3 momentum 0.9 for 40
+passes (microtrain's FinetuneConfig defaults when this was written; ``bench.py rss`` passes on the
+configuration microtrain's run reports, so the two always match there),
 prototypes recomputed without gradients at the start of every pass, the pseudo-queries made by
 ``microtrain.data.augment`` + ``to_input`` drawn from the same seeded generator in the same order
 as ``microtrain.train.finetune``, so both runs see the same pixels.
@@ -46,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shot", type=int, default=5)
     p.add_argument("--query-shots", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="episode seed")
-    p.add_argument("--epochs", type=int, default=10, help="passes over the support set")
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=40, help="passes over the support set")
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--scale", type=float, default=10.0)
