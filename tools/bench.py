@@ -780,7 +780,7 @@ def cmd_rss(args) -> int:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"bench.py rss: peak RSS of a whole adaptation of the default task, each a fresh child "
           f"(ru_maxrss from wait4 of that child); threads: "
-          f"{'library defaults' if args.threads is None else f'{args.threads} (OpenBLAS, Numba, OpenMP, MKL env)'}; "
+          f"{'each library its own default (microtrain.adapt: one BLAS thread, its import policy; torch: every core)' if args.threads is None else f'{args.threads} (OpenBLAS, Numba, OpenMP, MKL env)'}; "
           f"this parent's RSS {own:.1f} MB (imports neither NumPy nor torch: a child's peak cannot read below it)")
     other = OtherCPU()
     time.sleep(1.0)
