@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from microtrain.train import FinetuneConfig
+
 from conftest import random_arrays, small_arch
 from microtrain.adapt import _resolve_model
 from microtrain.checkpoint import save_weights
@@ -112,7 +114,8 @@ def test_run_records_reports_and_resumes(inputs, tmp_path, capsys):
     assert "### Failed episodes" in report and "| sparseupdate | toy | 1 | ValueError: no SparseUpdate" in report
     assert f"--backbones {weights.resolve()} --methods none,sparseupdate,tinytrain" in report
     assert "--episodes 2 --sampler fixed --way 3 --shot 2 --query-shots 3 --mem-budget 1MB --mac-budget 100%" in report
-    assert "fine-tuning: 2 passes over the support set, batch 1, SGD lr 0.001, momentum 0.9" in report
+    d = FinetuneConfig()
+    assert f"fine-tuning: 2 passes over the support set, batch 1, SGD lr {d.lr:g}, momentum {d.momentum:g}" in report
     pytest.importorskip("matplotlib")
     assert (out / "figure1_tiny.png").read_bytes()[:4] == b"\x89PNG" and "figure1_tiny.png" in report
 

@@ -46,7 +46,8 @@ def one(task):
         plan = plan_method(method, net, s, sl, budgets, 10.0, True, seed=0)
         accs, done = {}, 0
         for target in CHECKPOINTS:
-            cfg = FinetuneConfig(epochs=target - done, lr=lr, momentum=0.9, seed=target)
+            momentum = 0.9 if plan.momentum is None else plan.momentum  # SparseUpdate: plain SGD
+            cfg = FinetuneConfig(epochs=target - done, lr=lr, momentum=momentum, seed=target)
             try:
                 finetune(net, plan.selection, s, sl, cfg, block_hook=plan.block_hook)
                 accs[target] = prototype_accuracy(net, s, sl, q, ql, plan.block_hook)
@@ -75,8 +76,14 @@ def main(argv=None):
     tasks = [(args.backbone, d, int(s), args.method, lrs) for d in args.domains.split(",")
              for s in args.seeds.split(",")]
     start = time.time()
+    results = []
     with ProcessPoolExecutor(args.workers) as pool:
-        results = list(pool.map(one, tasks))
+        for r in pool.map(one, tasks):  # in order; print each as it lands
+            results.append(r)
+            runs = "  ".join(f"lr {lr}: " + "/".join(f"{100 * a:.0f}" for a in accs.values())
+                             for lr, accs in r["runs"].items())
+            print(f"[{len(results)}/{len(tasks)} {time.time() - start:.0f}s] {r['domain']} seed {r['seed']}: "
+                  f"none {100 * r['none']:.0f}  {runs}", flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     import numpy as np
