@@ -35,7 +35,7 @@ class BudgetError(ValueError):
 
 
 def fisher_information(net: Network, images: np.ndarray, labels: np.ndarray, prototypes: np.ndarray,
-                       scale: float, batch: int = 2, prepare=None) -> dict[str, np.ndarray]:
+                       scale: float, batch: int = 1, prepare=None) -> dict[str, np.ndarray]:
     """Per-channel Fisher information Delta_o (float64) of every conv layer's output.
 
     ``images`` (N, ...) are turned into network inputs a chunk at a time by ``prepare`` (default:

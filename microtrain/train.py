@@ -62,7 +62,7 @@ def class_prototypes(embeddings: np.ndarray, labels: np.ndarray, ways: int) -> n
     return normalize_rows(protos).astype(np.float32)
 
 
-def embed(net: Network, images: np.ndarray, batch: int = 8, block_hook=None) -> np.ndarray:
+def embed(net: Network, images: np.ndarray, batch: int = 4, block_hook=None) -> np.ndarray:
     """Embeddings (N, C) of uint8 images (N, 3, R, R), converted a batch at a time."""
     out = np.empty((len(images), net.embedding_size), np.float32)
     for start in range(0, len(images), batch):
