@@ -163,3 +163,40 @@ def valid_range(offset, stride, size_in, size_out):  # pragma: no cover - compil
     if hi < lo:
         hi = lo
     return lo, hi
+
+
+# The per-tap loop nests of a padded k x k convolution, shared by the full/grouped and the
+# depthwise kernels. Each handles one tap (offsets dh = kh - p, dw = kw - p) over the valid output
+# block [oh0, oh1) x [ow0, ow1) from valid_range, so no index touches padding. The stride is a
+# literal in each branch (the caller's runtime stride only picks the branch): LLVM vectorises the
+# unit-stride loop with plain vector loads. Inlined, they take the caller's fastmath flags.
+@njit(inline="always")
+def tap_gather(out, n, o, x, c, wv, oh0, oh1, ow0, ow1, dh, dw, stride):  # pragma: no cover
+    """out[n, o, oh, ow] += wv * x[n, c, stride*oh + dh, stride*ow + dw] (the forward)."""
+    if stride == 1:
+        for oh in range(oh0, oh1):
+            ih = u(oh + dh)
+            for ow in range(ow0, ow1):
+                out[n, o, u(oh), u(ow)] += wv * x[n, c, ih, u(ow + dw)]
+    else:
+        for oh in range(oh0, oh1):
+            ih = u(2 * oh + dh)
+            for ow in range(ow0, ow1):
+                out[n, o, u(oh), u(ow)] += wv * x[n, c, ih, u(2 * ow + dw)]
+
+
+@njit(inline="always")
+def tap_scatter(dx, n, c, dy, o, wv, oh0, oh1, ow0, ow1, dh, dw, stride):  # pragma: no cover
+    """dx[n, c, stride*oh + dh, stride*ow + dw] += wv * dy[n, o, oh, ow] (the transpose of
+    tap_gather: the backward-input)."""
+    if stride == 1:
+        for oh in range(oh0, oh1):
+            ih = u(oh + dh)
+            for ow in range(ow0, ow1):
+                dx[n, c, ih, u(ow + dw)] += wv * dy[n, o, u(oh), u(ow)]
+    else:
+        for oh in range(oh0, oh1):
+            ih = u(2 * oh + dh)
+            for ow in range(ow0, ow1):
+                dx[n, c, ih, u(2 * ow + dw)] += wv * dy[n, o, u(oh), u(ow)]
+

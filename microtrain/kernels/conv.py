@@ -14,7 +14,8 @@ from numba import njit
 
 from ._jit import (
     array, f32_1r, f32_4, f32_4r, fail, i64, i64_1r, indices, int_at_least, kernel,
-    odd_square_kernel, out_size, shape_is, stride_ok, u, valid_range, void,
+    odd_square_kernel, out_size, shape_is, stride_ok, tap_gather, tap_scatter, u,
+    valid_range, void,
 )
 
 __all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight"]
@@ -62,7 +63,7 @@ def _conv2d_forward(out, x, w, b, stride, groups):  # pragma: no cover - compile
             c0 = (o // Og) * Ig
             # each tap (ci, kh, kw) adds a shifted, strided input plane times one weight; output
             # rows are the contiguous innermost loop and the plane stays in L1 across taps
-            # (stride is a literal in each branch so LLVM vectorises unit stride with plain loads)
+            # (tap_gather keeps the stride a literal per branch so LLVM vectorises unit stride)
             for ci in range(Ig):
                 c = c0 + ci
                 for kh in range(k):
@@ -76,16 +77,7 @@ def _conv2d_forward(out, x, w, b, stride, groups):  # pragma: no cover - compile
                     for kw in range(k):
                         ow0, ow1 = valid_range(kw - p, stride, W, Wo)
                         wv = w[o, ci, kh, kw]
-                        if stride == 1:
-                            for oh in range(oh0, oh1):
-                                ih = u(oh + kh - p)
-                                for ow in range(ow0, ow1):
-                                    out[n, o, u(oh), u(ow)] += wv * x[n, c, ih, u(ow + kw - p)]
-                        else:
-                            for oh in range(oh0, oh1):
-                                ih = u(2 * oh + kh - p)
-                                for ow in range(ow0, ow1):
-                                    out[n, o, u(oh), u(ow)] += wv * x[n, c, ih, u(2 * ow + kw - p)]
+                        tap_gather(out, n, o, x, c, wv, oh0, oh1, ow0, ow1, kh - p, kw - p, stride)
 
 
 def conv2d_forward(out, x, w, b, stride, groups):
@@ -126,16 +118,7 @@ def _conv2d_backward_input(dx, dy, w, stride, groups):  # pragma: no cover - com
                     for kw in range(k):
                         ow0, ow1 = valid_range(kw - p, stride, W, Wo)
                         wv = w[o, ci, kh, kw]
-                        if stride == 1:
-                            for oh in range(oh0, oh1):
-                                ih = u(oh + kh - p)
-                                for ow in range(ow0, ow1):
-                                    dx[n, c, ih, u(ow + kw - p)] += wv * dy[n, o, u(oh), u(ow)]
-                        else:
-                            for oh in range(oh0, oh1):
-                                ih = u(2 * oh + kh - p)
-                                for ow in range(ow0, ow1):
-                                    dx[n, c, ih, u(2 * ow + kw - p)] += wv * dy[n, o, u(oh), u(ow)]
+                        tap_scatter(dx, n, c, dy, o, wv, oh0, oh1, ow0, ow1, kh - p, kw - p, stride)
 
 
 def conv2d_backward_input(dx, dy, w, stride, groups):

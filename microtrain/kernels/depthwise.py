@@ -10,7 +10,7 @@ import numpy as np
 
 from ._jit import (
     array, f32_1r, f32_4, f32_4r, fail, i64, i64_1r, indices, kernel, odd_square_kernel,
-    out_size, shape_is, stride_ok, u, valid_range, void,
+    out_size, shape_is, stride_ok, tap_gather, tap_scatter, u, valid_range, void,
 )
 
 __all__ = ["depthwise_forward", "depthwise_backward_input", "depthwise_backward_weight"]
@@ -27,23 +27,14 @@ def _depthwise_forward(out, x, w, b, stride):  # pragma: no cover - compiled
         for c in range(C):
             out[n, c, :, :] = b[c]
             # each tap adds one shifted, strided copy of the input plane times its weight;
-            # output rows are the contiguous innermost loop (stride is a literal in each branch
-            # so LLVM vectorises the unit-stride one with plain vector loads)
+            # output rows are the contiguous innermost loop (tap_gather keeps the stride a literal
+            # in each branch so LLVM vectorises the unit-stride one with plain vector loads)
             for kh in range(k):
                 oh0, oh1 = valid_range(kh - p, stride, H, Ho)
                 for kw in range(k):
                     ow0, ow1 = valid_range(kw - p, stride, W, Wo)
                     wv = w[c, 0, kh, kw]
-                    if stride == 1:
-                        for oh in range(oh0, oh1):
-                            ih = u(oh + kh - p)
-                            for ow in range(ow0, ow1):
-                                out[n, c, u(oh), u(ow)] += wv * x[n, c, ih, u(ow + kw - p)]
-                    else:
-                        for oh in range(oh0, oh1):
-                            ih = u(2 * oh + kh - p)
-                            for ow in range(ow0, ow1):
-                                out[n, c, u(oh), u(ow)] += wv * x[n, c, ih, u(2 * ow + kw - p)]
+                    tap_gather(out, n, c, x, c, wv, oh0, oh1, ow0, ow1, kh - p, kw - p, stride)
 
 
 def depthwise_forward(out, x, w, b, stride):
@@ -81,16 +72,7 @@ def _depthwise_backward_input(dx, dy, w, stride):  # pragma: no cover - compiled
                 for kw in range(k):
                     ow0, ow1 = valid_range(kw - p, stride, W, Wo)
                     wv = w[c, 0, kh, kw]
-                    if stride == 1:
-                        for oh in range(oh0, oh1):
-                            ih = u(oh + kh - p)
-                            for ow in range(ow0, ow1):
-                                dx[n, c, ih, u(ow + kw - p)] += wv * dy[n, c, u(oh), u(ow)]
-                    else:
-                        for oh in range(oh0, oh1):
-                            ih = u(2 * oh + kh - p)
-                            for ow in range(ow0, ow1):
-                                dx[n, c, ih, u(2 * ow + kw - p)] += wv * dy[n, c, u(oh), u(ow)]
+                    tap_scatter(dx, n, c, dy, c, wv, oh0, oh1, ow0, ow1, kh - p, kw - p, stride)
 
 
 def depthwise_backward_input(dx, dy, w, stride):
