@@ -8,6 +8,7 @@ pools take NCHW activations.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from ._jit import (
     F32, U8, array, f32_1, f32_1r, f32_2, f32_2r, f32_4, f32_4r, fail, i64, i64_1r, indices,
@@ -220,6 +221,20 @@ def global_avg_pool_backward(dx, dout):
 
 
 # --------------------------------------------------------------------------- average pool
+@njit(inline="always")
+def _block_sum_row(dst, src, n, c, oh, f):  # pragma: no cover - compiled
+    """dst[n, c, oh, ow] = sum of the f x f block src[n, c, oh*f:(oh+1)*f, ow*f:(ow+1)*f] for
+    every ow: the sum of avg_pool_forward and the whole of upsample_nearest_backward."""
+    for ow in range(dst.shape[3]):
+        dst[n, c, oh, ow] = 0.0
+    for r in range(f):
+        for ow in range(dst.shape[3]):
+            s = np.float32(0.0)
+            for t in range(f):
+                s += src[n, c, oh * f + r, ow * f + t]
+            dst[n, c, oh, ow] += s
+
+
 @kernel(void(f32_4, f32_4r, i64))
 def _avg_pool_forward(out, x, f):  # pragma: no cover - compiled
     N, C, Ho, Wo = out.shape
@@ -228,14 +243,7 @@ def _avg_pool_forward(out, x, f):  # pragma: no cover - compiled
     for n in range(N):
         for c in range(C):
             for oh in range(Ho):
-                for ow in range(Wo):
-                    out[n, c, oh, ow] = 0.0
-                for r in range(f):
-                    for ow in range(Wo):
-                        s = np.float32(0.0)
-                        for t in range(f):
-                            s += x[n, c, oh * f + r, ow * f + t]
-                        out[n, c, oh, ow] += s
+                _block_sum_row(out, x, n, c, oh, f)
                 for ow in range(Wo):
                     out[n, c, oh, ow] *= inv
 
@@ -316,14 +324,7 @@ def _upsample_nearest_backward(dx, dout, f):  # pragma: no cover - compiled
     for n in range(N):
         for c in range(C):
             for h in range(H):
-                for w in range(W):
-                    dx[n, c, h, w] = 0.0
-                for r in range(f):
-                    for w in range(W):
-                        s = np.float32(0.0)
-                        for t in range(f):
-                            s += dout[n, c, h * f + r, w * f + t]
-                        dx[n, c, h, w] += s
+                _block_sum_row(dx, dout, n, c, h, f)
 
 
 def upsample_nearest_backward(dx, dout, factor):
