@@ -18,6 +18,18 @@ def _out(size: int, k: int, s: int) -> int:
     return (size + 2 * _pad(k) - k) // s + 1
 
 
+def _taps(groups: int, Og: int, Ig: int, k: int, stride: int, Ho: int, Wo: int):
+    """For each group and kernel tap: (output channels og, input channels ig, kh, kw, rows, cols),
+    rows and cols being the strided window of the zero-padded input that the tap reads for the
+    Ho x Wo outputs."""
+    for g in range(groups):
+        og, ig = slice(g * Og, (g + 1) * Og), slice(g * Ig, (g + 1) * Ig)
+        for kh in range(k):
+            for kw in range(k):
+                yield (og, ig, kh, kw, slice(kh, kh + stride * (Ho - 1) + 1, stride),
+                       slice(kw, kw + stride * (Wo - 1) + 1, stride))
+
+
 # --------------------------------------------------------------------------- full / grouped conv
 def conv2d_forward(x, w, b, stride, groups):
     N, I, H, W = x.shape
@@ -27,13 +39,9 @@ def conv2d_forward(x, w, b, stride, groups):
     Og = O // groups
     xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
     out = np.zeros((N, O, Ho, Wo), dtype=np.result_type(x, w))
-    for g in range(groups):
-        og, ig = slice(g * Og, (g + 1) * Og), slice(g * Ig, (g + 1) * Ig)
-        for kh in range(k):
-            for kw in range(k):
-                patch = xp[:, ig, kh:kh + stride * (Ho - 1) + 1:stride,
-                           kw:kw + stride * (Wo - 1) + 1:stride]          # (N, Ig, Ho, Wo)
-                out[:, og] += np.einsum("oi,nihw->nohw", w[og, :, kh, kw], patch)
+    for og, ig, kh, kw, rows, cols in _taps(groups, Og, Ig, k, stride, Ho, Wo):
+        patch = xp[:, ig, rows, cols]                                   # (N, Ig, Ho, Wo)
+        out[:, og] += np.einsum("oi,nihw->nohw", w[og, :, kh, kw], patch)
     return out + b[None, :, None, None]
 
 
@@ -44,13 +52,8 @@ def conv2d_backward_input(dy, w, stride, groups, hw):
     p = _pad(k)
     Og = O // groups
     dxp = np.zeros((N, Ig * groups, H + 2 * p, W + 2 * p), dtype=np.result_type(dy, w))
-    for g in range(groups):
-        og, ig = slice(g * Og, (g + 1) * Og), slice(g * Ig, (g + 1) * Ig)
-        for kh in range(k):
-            for kw in range(k):
-                dxp[:, ig, kh:kh + stride * (Ho - 1) + 1:stride,
-                    kw:kw + stride * (Wo - 1) + 1:stride] += np.einsum(
-                        "oi,nohw->nihw", w[og, :, kh, kw], dy[:, og])
+    for og, ig, kh, kw, rows, cols in _taps(groups, Og, Ig, k, stride, Ho, Wo):
+        dxp[:, ig, rows, cols] += np.einsum("oi,nohw->nihw", w[og, :, kh, kw], dy[:, og])
     return dxp[:, :, p:p + H, p:p + W]
 
 
@@ -62,13 +65,8 @@ def conv2d_backward_weight(dy, x, stride, groups, channels, k):
     Ig, Og = I // groups, O // groups
     xp = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
     dw = np.zeros((O, Ig, k, k), dtype=np.result_type(dy, x))
-    for g in range(groups):
-        og, ig = slice(g * Og, (g + 1) * Og), slice(g * Ig, (g + 1) * Ig)
-        for kh in range(k):
-            for kw in range(k):
-                patch = xp[:, ig, kh:kh + stride * (Ho - 1) + 1:stride,
-                           kw:kw + stride * (Wo - 1) + 1:stride]
-                dw[og, :, kh, kw] = np.einsum("nohw,nihw->oi", dy[:, og], patch)
+    for og, ig, kh, kw, rows, cols in _taps(groups, Og, Ig, k, stride, Ho, Wo):
+        dw[og, :, kh, kw] = np.einsum("nohw,nihw->oi", dy[:, og], xp[:, ig, rows, cols])
     return dw[np.asarray(channels, dtype=np.int64)]
 
 
