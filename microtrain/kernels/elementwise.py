@@ -256,11 +256,7 @@ def avg_pool_forward(out, x, factor):
     op = "avg_pool_forward"
     array(op, "x", x, 4)
     array(op, "out", out, 4, writable=True)
-    int_at_least(op, "factor", factor, 1)
-    N, C, H, W = x.shape
-    if H % factor or W % factor:
-        fail(op, f"x {x.shape} spatial size not divisible by factor {factor}")
-    shape_is(op, "out", out, (N, C, H // factor, W // factor))
+    shape_is(op, "out", out, _pooled_shape(op, "x", x, factor))
     _avg_pool_forward(out, x, factor)
 
 
@@ -282,12 +278,18 @@ def avg_pool_backward(dx, dout, factor):
     op = "avg_pool_backward"
     array(op, "dx", dx, 4, writable=True)
     array(op, "dout", dout, 4)
-    int_at_least(op, "factor", factor, 1)
-    N, C, H, W = dx.shape
-    if H % factor or W % factor:
-        fail(op, f"dx {dx.shape} spatial size not divisible by factor {factor}")
-    shape_is(op, "dout", dout, (N, C, H // factor, W // factor))
+    shape_is(op, "dout", dout, _pooled_shape(op, "dx", dx, factor))
     _avg_pool_backward(dx, dout, factor)
+
+
+def _pooled_shape(op, name, a, factor):
+    """(N, C, H/factor, W/factor) of a (N, C, H, W), checking that factor is an integer >= 1
+    dividing H and W (the shared check of avg_pool's forward and backward)."""
+    int_at_least(op, "factor", factor, 1)
+    N, C, H, W = a.shape
+    if H % factor or W % factor:
+        fail(op, f"{name} {a.shape} spatial size not divisible by factor {factor}")
+    return (N, C, H // factor, W // factor)
 
 
 # --------------------------------------------------------------------------- nearest upsample
