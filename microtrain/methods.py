@@ -19,6 +19,17 @@ from .train import class_prototypes, embed
 METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytl", "tinytrain",
            "tinytrain-fisher", "tinytrain-random", "tinytrain-l2")
 
+# Learning rate of each method when the user gives none, from the validation sweeps of
+# tools/tune_finetune.py (README, "Fine-tuning defaults"). Full updates of these BN-folded
+# networks at batch 1 collapse at rates that suit a sparse update.
+DEFAULT_LR = {"tinytrain": 3e-3, "fulltrain": 1e-4, "lastlayer": 3e-3, "sparseupdate": 3e-3, "tinytl": 3e-3,
+              "none": 0.0}
+
+
+def default_lr(method: str) -> float:
+    return DEFAULT_LR[method.partition("-")[0]]
+
+
 # MCUNetV3's SparseUpdate, ~100 KB scheme (configurations in the checkpoints README): biases of the
 # last N convs, and weights of the listed convs (by conv index) on `kept` input channels.
 SPARSE_UPDATE = {
@@ -42,6 +53,7 @@ class MethodPlan:
     choices: list = field(default_factory=list)  # (layer, channels kept, out channels, score)
     seconds: float = 0.0  # time spent deciding (Fisher + selection for TinyTrain)
     momentum: float | None = None  # overrides the fine-tuning momentum (SparseUpdate: plain SGD)
+    lr: float = 0.0  # the method's default learning rate, used when the user gives none
     info: dict = field(default_factory=dict)
 
     @property
@@ -76,6 +88,7 @@ def plan_method(method: str, net: Network, support: np.ndarray, labels: np.ndarr
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     plan.seconds = time.perf_counter() - start
+    plan.lr = default_lr(method)
     return plan
 
 

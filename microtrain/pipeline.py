@@ -44,9 +44,9 @@ def adapt_episode(net: Network, support: np.ndarray, support_labels: np.ndarray,
         for name, kept, total, score in plan.choices:
             log(f"  {name:<24} {kept:>4} / {total:<4} {score:>12.4g}")
     train_seconds = 0.0
-    if plan.momentum is not None:
-        cfg = dataclasses.replace(cfg, momentum=plan.momentum)
-        record["finetune"] = vars(cfg).copy()
+    cfg = dataclasses.replace(cfg, lr=plan.lr if cfg.lr is None else cfg.lr,
+                              momentum=cfg.momentum if plan.momentum is None else plan.momentum)
+    record["finetune"] = vars(cfg).copy()
     if plan.trains:
         result = finetune(net, plan.selection, support, support_labels, cfg, progress, plan.block_hook)
         train_seconds = result.seconds

@@ -32,7 +32,7 @@ class TrainingDiverged(RuntimeError):
 @dataclass
 class FinetuneConfig:
     epochs: int = 40  # passes over the support set (the paper: 40 iterations)
-    lr: float = 3e-3
+    lr: float | None = None  # None: the method's own default (methods.DEFAULT_LR)
     momentum: float = 0.9
     weight_decay: float = 0.0
     scale: float = 10.0  # cosine logits are multiplied by this
@@ -113,6 +113,8 @@ def finetune(net: Network, selection: Selection, support: np.ndarray, labels: np
              cfg: FinetuneConfig, progress: Callable[[int, int, float], None] | None = None,
              block_hook=None) -> FinetuneResult:
     """Fine-tune the selected rows of ``net`` in place on a support set (uint8 (N, 3, R, R))."""
+    if cfg.lr is None:
+        raise ValueError("finetune needs a learning rate: resolve the method's default first (methods.DEFAULT_LR)")
     ways = int(labels.max()) + 1
     graph = net.protonet_graph(cfg.batch, ways, cfg.scale, block_hook)
     run = Executor(graph, selection, momentum=cfg.momentum > 0)

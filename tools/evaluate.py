@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s)")
     g = r.add_argument_group("fine-tuning (defaults: microtrain.train.FinetuneConfig)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the support set (default %(default)s)")
-    g.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (default %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr,
+                   help="SGD learning rate for every method (default: each method's own, methods.DEFAULT_LR)")
     g.add_argument("--momentum", type=float, default=d.momentum,
                    help="SGD momentum (default %(default)s; SparseUpdate always uses plain SGD)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default %(default)s")
@@ -249,7 +250,7 @@ def settings_of(args) -> dict:
         raise UsageError(str(exc)) from None
     if args.sampler == "fixed" and min(args.way, args.shot, args.query_shots) < 1:
         raise UsageError("--way, --shot and --query-shots must be >= 1")
-    if args.epochs < 0 or args.lr <= 0 or args.batch < 1 or args.momentum < 0 or args.weight_decay < 0:
+    if args.epochs < 0 or (args.lr is not None and args.lr <= 0) or args.batch < 1 or args.momentum < 0 or args.weight_decay < 0:
         raise UsageError("--epochs must be >= 0, --lr > 0, --batch >= 1, --momentum and --weight-decay >= 0")
     fixed = args.sampler == "fixed"
     return {"sampler": args.sampler,
@@ -268,7 +269,8 @@ def settings_options(s: dict) -> list[str]:
         opts += ["--way", str(s["way"]), "--shot", str(s["shot"]), "--query-shots", str(s["query_shots"])]
     opts += ["--mem-budget", _bytes_text(s["mem_budget_bytes"]), "--mac-budget", s["mac_budget"]]
     f = s["finetune"]
-    opts += ["--epochs", str(f["epochs"]), "--lr", f"{f['lr']:g}", "--momentum", f"{f['momentum']:g}",
+    opts += ["--epochs", str(f["epochs"])] + (["--lr", f"{f['lr']:g}"] if f["lr"] is not None else [])
+    opts += ["--momentum", f"{f['momentum']:g}",
              "--weight-decay", f"{f['weight_decay']:g}", "--scale", f"{f['scale']:g}", "--batch", str(f["batch"]),
              "--train-seed", str(f["seed"])]
     return opts
@@ -776,12 +778,12 @@ def _settings_lines(settings: dict | None, records: list[dict]) -> list[str]:
              f"- budgets (TinyTrain's selection): backward memory {_mem(settings['mem_budget_bytes'])}, "
              f"backward MACs {settings['mac_budget']}",
              f"- fine-tuning: {f['epochs']} pass{'' if f['epochs'] == 1 else 'es'} over the support set, "
-             f"batch {f['batch']}, SGD lr {f['lr']:g}, momentum {f['momentum']:g}, weight decay {f['weight_decay']:g}, cosine scale {f['scale']:g}, "
+             f"batch {f['batch']}, SGD lr {'each method’s default' if f['lr'] is None else format(f['lr'], 'g')}, momentum {f['momentum']:g}, weight decay {f['weight_decay']:g}, cosine scale {f['scale']:g}, "
              f"seed {f['seed']}"]
     overrides = {}
     for r in records:
         for k, v in (r.get("finetune") or {}).items():
-            if k in f and v != f[k]:
+            if k in f and v != f[k] and r["method"] != "none":
                 overrides.setdefault(r["method"], set()).add(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}")
     for m, o in overrides.items():
         lines.append(f"- {m} sets {', '.join(sorted(o))} itself")
