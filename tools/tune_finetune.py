@@ -34,13 +34,15 @@ def one(task):
     from microtrain.paths import shared_file
     from microtrain.train import FinetuneConfig, finetune, prototype_accuracy
 
-    backbone, domain, seed, method, lrs = task
+    backbone, domain, seed, method, lrs, mem_budget, mac_budget = task
     base = model.load(ensure_converted(backbone))
     ep = sample_episode(open_dataset(shared_file("data", domain)), 10, 5, 10, seed)
     im = EpisodeImages(ep, base.resolution)
     s, sl, q, ql = im.support, ep.support_labels, im.query, ep.query_labels
     out = {"domain": domain, "seed": seed, "none": prototype_accuracy(base, s, sl, q, ql), "runs": {}}
-    budgets = Budgets(512 * 1024, int(0.15 * base.forward_macs))
+    from microtrain.adapt import parse_bytes, parse_macs
+
+    budgets = Budgets(parse_bytes(mem_budget), parse_macs(mac_budget, base.forward_macs))
     for lr in lrs:
         net = base.copy()
         plan = plan_method(method, net, s, sl, budgets, 10.0, True, seed=0)
@@ -67,13 +69,16 @@ def main(argv=None):
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2")
     p.add_argument("--seeds", default="1000,1001,1002")
     p.add_argument("--domains", default=",".join(DOMAINS))
+    p.add_argument("--mem-budget", default="512KB", help="TinyTrain's backward memory budget")
+    p.add_argument("--mac-budget", default="15%", help="TinyTrain's backward MAC budget")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="runs/tune.json")
     args = p.parse_args(argv)
     for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = "1"  # inherited by the workers, which import NumPy after this: one core each
     lrs = [float(v) for v in args.lrs.split(",")]
-    tasks = [(args.backbone, d, int(s), args.method, lrs) for d in args.domains.split(",")
+    tasks = [(args.backbone, d, int(s), args.method, lrs, args.mem_budget, args.mac_budget)
+             for d in args.domains.split(",")
              for s in args.seeds.split(",")]
     start = time.time()
     results = []
