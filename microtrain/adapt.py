@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the support set (default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr,
                    help="SGD learning rate (default: the method's, from the validation sweeps: "
-                        "fulltrain 1e-4, tinytl 3e-4, the others 3e-3)")
+                        "fulltrain and tinytl 1e-4, the others 3e-3)")
     g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default %(default)s)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default %(default)s")
     g.add_argument("--scale", type=float, default=d.scale, help="cosine logit scale (default %(default)s)")

@@ -22,7 +22,7 @@ METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytl", "tinytrai
 # Learning rate of each method when the user gives none, from the validation sweeps of
 # tools/tune_finetune.py (README, "Fine-tuning defaults"). Full updates of these BN-folded
 # networks at batch 1 collapse at rates that suit a sparse update.
-DEFAULT_LR = {"tinytrain": 3e-3, "fulltrain": 1e-4, "lastlayer": 3e-3, "sparseupdate": 3e-3, "tinytl": 3e-4,
+DEFAULT_LR = {"tinytrain": 3e-3, "fulltrain": 1e-4, "lastlayer": 3e-3, "sparseupdate": 3e-3, "tinytl": 1e-4,
               "none": 0.0}
 
 
