@@ -31,6 +31,8 @@ class SGD:
                 if param is node.weight and upd.inputs is not None:
                     for j, row in enumerate(rows):  # row by row: a 2-D fancy index would allocate
                         param[row, upd.inputs] = master[j]
+                elif len(rows) == len(param):  # every row (sorted, distinct): a plain copy
+                    np.copyto(param, master)
                 else:
                     param[rows] = master
 
