@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from microtrain.paths import WEIGHTS_DIR, shared_file
+from microtrain.paths import WEIGHTS_DIR, MissingSharedError, shared_file
 
 FORMAT_VERSION = 1
 DEFAULT_BN_EPS = 1e-3  # the MCUNet / once-for-all zoo's BatchNorm eps when the config names none
@@ -947,10 +947,11 @@ def load_weights(path) -> tuple[dict, dict[str, np.ndarray]]:
     return arch, contents
 
 
-def _stored_version(path: Path):
+def _stored_stamp(path: Path):
+    """(format version, source sha256) of a converted file, or None when it cannot be read."""
     try:
         with np.load(path, allow_pickle=False) as npz:
-            return int(npz["__format_version__"])
+            return int(npz["__format_version__"]), json.loads(str(npz["__arch__"]))["source"]["sha256"]
     except Exception:  # noqa: BLE001 - any unreadable file just means "convert again"
         return None
 
@@ -963,8 +964,16 @@ def ensure_converted(name: str, weights_dir=None) -> Path:
     if stem not in SHARED_CHECKPOINTS:
         raise CheckpointError(f"unknown backbone {name!r}; known: {', '.join(SHARED_CHECKPOINTS)}")
     out = Path(weights_dir if weights_dir is not None else WEIGHTS_DIR) / f"{stem}.npz"
-    if out.exists() and _stored_version(out) == FORMAT_VERSION:
+    stamp = _stored_stamp(out) if out.exists() else None
+    try:
+        source = shared_file("checkpoints", f"{stem}.pkl")
+    except MissingSharedError:
+        if stamp is not None and stamp[0] == FORMAT_VERSION:
+            return out  # converted earlier; the shared folder is not needed any more
+        raise
+    # Reconvert when the format changed or the shared checkpoint is not the one converted.
+    if stamp == (FORMAT_VERSION, hashlib.sha256(source.read_bytes()).hexdigest()):
         return out
-    arch, arrays = read_checkpoint(shared_file("checkpoints", f"{stem}.pkl"))
+    arch, arrays = read_checkpoint(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_weights(out, arch, arrays)

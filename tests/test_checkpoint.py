@@ -538,6 +538,19 @@ def test_ensure_converted(tmp_path):
     assert load_weights(ensure_converted("mcunet-5fps", weights_dir=tmp_path))[0] == arch
 
 
+@needs_shared
+def test_ensure_converted_follows_the_shared_checkpoint(tmp_path, monkeypatch):
+    # A converted file whose recorded source is another checkpoint is converted again; once
+    # converted, it is usable without the shared folder.
+    path = ensure_converted("mcunet-5fps", weights_dir=tmp_path)
+    arch, arrays = load_weights(path)
+    arch["source"]["sha256"] = "0" * 64
+    save_weights(path, arch, arrays)
+    assert load_weights(ensure_converted("mcunet-5fps", weights_dir=tmp_path))[0]["source"]["sha256"].startswith("4de2e0")
+    monkeypatch.setenv("MICROTRAIN_SHARED", str(tmp_path / "no-shared"))
+    assert ensure_converted("mcunet-5fps", weights_dir=tmp_path) == path
+
+
 def test_ensure_converted_errors(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="unknown backbone 'resnet50'"):
         ensure_converted("resnet50", weights_dir=tmp_path)
