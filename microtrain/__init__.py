@@ -9,3 +9,11 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 __version__ = "0.1.0"
+
+
+def load(path):
+    """A network from a microtrain weight file (``weights/README.md``): ``net.features(x)`` maps
+    float32 (N, 3, R, R) images in [-1, 1] to pooled embeddings (N, C)."""
+    from .model import load as load_network
+
+    return load_network(path)

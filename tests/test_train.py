@@ -68,3 +68,17 @@ def test_one_shot_support_classifies_itself():
     net = small_net()
     images, labels = _support(net, n=3, ways=3)
     assert prototype_accuracy(net, images, labels, images, labels) == 1.0
+
+
+def test_package_level_load_gives_a_network(tmp_path):
+    import microtrain
+    from microtrain.checkpoint import save_weights
+
+    net = small_net()
+    path = tmp_path / "tiny.npz"
+    arch = dict(net.arch, source={"file": "random", "sha256": "0" * 64, "kind": "int8-dict"})
+    save_weights(path, arch, net.state())
+    loaded = microtrain.load(path)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, net.resolution, net.resolution)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.features(x), net.features(x))
+    assert loaded.features(x).shape == (2, net.embedding_size)
