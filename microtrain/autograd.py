@@ -169,37 +169,36 @@ class Depthwise(_WeightedOp):
         kdw.depthwise_backward_weight(dw, dy, x_sel, self.stride, channels)
 
 
-class Pointwise(_WeightedOp):
+class _Dense(_WeightedOp):
+    """A matrix product over channels (1x1 conv, linear): only the kernel triple differs."""
+
+    kernels: tuple  # (forward, backward_input, backward_weight)
+
+    def compute(self, node, out, x):
+        self.kernels[0](out, x, node.weight, node.bias)
+
+    def backward_input(self, node, dxs, dy, saved):
+        self.kernels[1](dxs[0], dy, node.weight)
+
+    def weight_grad(self, node, dw, dy, saved, channels):
+        self.kernels[2](dw, dy, saved["x"], channels)
+
+
+class Pointwise(_Dense):
     kind = "pointwise"
+    kernels = (kpw.pointwise_forward, kpw.pointwise_backward_input, kpw.pointwise_backward_weight)
 
     def out_shape(self, node, shapes):
         n, _, h, w = shapes[0]
         return (n, node.weight.shape[0], h, w)
 
-    def compute(self, node, out, x):
-        kpw.pointwise_forward(out, x, node.weight, node.bias)
 
-    def backward_input(self, node, dxs, dy, saved):
-        kpw.pointwise_backward_input(dxs[0], dy, node.weight)
-
-    def weight_grad(self, node, dw, dy, saved, channels):
-        kpw.pointwise_backward_weight(dw, dy, saved["x"], channels)
-
-
-class Linear(_WeightedOp):
+class Linear(_Dense):
     kind = "linear"
+    kernels = (kpw.linear_forward, kpw.linear_backward_input, kpw.linear_backward_weight)
 
     def out_shape(self, node, shapes):
         return (shapes[0][0], node.weight.shape[0])
-
-    def compute(self, node, out, x):
-        kpw.linear_forward(out, x, node.weight, node.bias)
-
-    def backward_input(self, node, dxs, dy, saved):
-        kpw.linear_backward_input(dxs[0], dy, node.weight)
-
-    def weight_grad(self, node, dw, dy, saved, channels):
-        kpw.linear_backward_weight(dw, dy, saved["x"], channels)
 
 
 class ReLU6(Op):
