@@ -77,6 +77,10 @@ class Op:
         """Scratch the forward needs: name -> (shape, dtype). A saved entry of the same name wins."""
         return {}
 
+    def backward_workspace(self, node, shapes) -> dict:
+        """Scratch backward_input needs (passed to it among ``saved``): name -> (shape, dtype)."""
+        return {}
+
     def forward(self, node, out, ins, scratch, save: bool):
         """Write ``out``. ``scratch`` holds the workspace and saved buffers by name; the saved
         copies are filled only when ``save`` (a training forward)."""
@@ -103,10 +107,10 @@ class _WeightedOp(Op):
         # Weights of some input channels only: keep just those channels of the input.
         return {"x": (shapes[0][:1] + (len(upd.inputs),) + shapes[0][2:], F32)}
 
-    def forward(self, node, out, ins, scratch, save):
-        self.compute(node, out, ins[0])
+    def save_inputs(self, node, x, scratch, save):
+        """In a training forward, copy the input channels whose weights are trained (if a subset)."""
         if save and node.update is not None and node.update.inputs is not None and "x" in scratch:
-            np.take(ins[0], node.update.inputs, axis=1, out=scratch["x"])
+            np.take(x, node.update.inputs, axis=1, out=scratch["x"])
 
     def backward_weight(self, node, dw, db, dy, saved, upd):
         if dw is not None:
@@ -126,11 +130,20 @@ class Conv2d(_WeightedOp):
         k = node.weight.shape[-1]
         return (n, node.weight.shape[0], _out_size(h, k, self.stride), _out_size(w, k, self.stride))
 
-    def compute(self, node, out, x):
-        kconv.conv2d_forward(out, x, node.weight, node.bias, self.stride, self.groups)
+    def workspace(self, node, shapes):
+        size = kconv.conv2d_forward_scratch_size(shapes[0], node.weight.shape[-1], self.stride, self.groups)
+        return {"planes": ((size,), F32)}
+
+    def backward_workspace(self, node, shapes):
+        size = kconv.conv2d_backward_input_scratch_size(shapes[0], node.weight.shape[-1], self.stride)
+        return {"grad-planes": ((size,), F32)}
+
+    def forward(self, node, out, ins, scratch, save):
+        kconv.conv2d_forward(out, ins[0], node.weight, node.bias, self.stride, self.groups, scratch["planes"])
+        self.save_inputs(node, ins[0], scratch, save)
 
     def backward_input(self, node, dxs, dy, saved):
-        kconv.conv2d_backward_input(dxs[0], dy, node.weight, self.stride, self.groups)
+        kconv.conv2d_backward_input(dxs[0], dy, node.weight, self.stride, self.groups, saved["grad-planes"])
 
     def weight_grad(self, node, dw, dy, saved, channels):
         kconv.conv2d_backward_weight(dw, dy, saved["x"], self.stride, self.groups, channels)
@@ -156,13 +169,19 @@ class Depthwise(_WeightedOp):
         n, _, h, w = shapes[0]
         return {"x_sel": ((n, len(upd.weight), h, w), F32)}
 
+    def workspace(self, node, shapes):
+        return {"planes": ((kdw.depthwise_scratch_size(shapes[0], node.weight.shape[-1], self.stride),), F32)}
+
+    def backward_workspace(self, node, shapes):
+        return {"grad-planes": self.workspace(node, shapes)["planes"]}
+
     def forward(self, node, out, ins, scratch, save):
-        kdw.depthwise_forward(out, ins[0], node.weight, node.bias, self.stride)
+        kdw.depthwise_forward(out, ins[0], node.weight, node.bias, self.stride, scratch["planes"])
         if save and "x_sel" in scratch:
             np.take(ins[0], node.update.weight, axis=1, out=scratch["x_sel"])
 
     def backward_input(self, node, dxs, dy, saved):
-        kdw.depthwise_backward_input(dxs[0], dy, node.weight, self.stride)
+        kdw.depthwise_backward_input(dxs[0], dy, node.weight, self.stride, saved["grad-planes"])
 
     def weight_grad(self, node, dw, dy, saved, channels):
         x_sel = saved["x_sel"] if "x_sel" in saved else saved["x"]
@@ -174,8 +193,9 @@ class _Dense(_WeightedOp):
 
     kernels: tuple  # (forward, backward_input, backward_weight)
 
-    def compute(self, node, out, x):
-        self.kernels[0](out, x, node.weight, node.bias)
+    def forward(self, node, out, ins, scratch, save):
+        self.kernels[0](out, ins[0], node.weight, node.bias)
+        self.save_inputs(node, ins[0], scratch, save)
 
     def backward_input(self, node, dxs, dy, saved):
         self.kernels[1](dxs[0], dy, node.weight)
@@ -508,6 +528,7 @@ class _NodeBuffers:
     ins: list[str]
     saved: dict[str, str] = field(default_factory=dict)  # what backward reads
     work: dict[str, str] = field(default_factory=dict)  # forward scratch (overlaid by saved)
+    grad_work: dict[str, str] = field(default_factory=dict)  # backward-input scratch
     dy: str | None = None
     dxs: list[str | None] = field(default_factory=list)
     accumulate: list[tuple[str, str]] = field(default_factory=list)  # (gradient, scratch) pairs
@@ -610,10 +631,11 @@ class Program:
                 buf.category = memory.SAVED
 
         # Per node: forward buffers, saved copies, gradients.
+        shapes_of = lambda node: [g.values[v].shape for v in node.inputs]  # noqa: E731
         plan_nodes: list[_NodeBuffers] = []
         for node in g.nodes:
             nb = _NodeBuffers(out=storage[node.output], ins=[storage[v] for v in node.inputs])
-            shapes = [g.values[v].shape for v in node.inputs]
+            shapes = shapes_of(node)
             spec = saved_specs.get(node.index, {})
             for key, item in spec.items():
                 if isinstance(item, Keep):
@@ -659,6 +681,10 @@ class Program:
                     grad[v] = new(f"grad:{val.name}", memory.TRANSIENT, val.shape, val.dtype,
                                   bwd(node.index), bwd(val.producer))
                 nb.dxs[k] = grad[v]
+            if any(dx is not None for dx in nb.dxs):
+                for key, (shape, dtype) in node.op.backward_workspace(node, shapes_of(node)).items():
+                    nb.grad_work[key] = new(f"work:{node.name}:{key}", memory.TRANSIENT, shape, dtype,
+                                            bwd(node.index), bwd(node.index))
             upd = self.updates.get(node.index)
             if upd is not None:
                 # Compact gradient, the arena's copy of the trained rows, and their momentum.
@@ -725,6 +751,7 @@ class Executor:
         get = lambda name: None if name is None else self.buffers[name]  # noqa: E731
         saved = {k: get(v) for k, v in nb.saved.items()}
         scratch = {**{k: get(v) for k, v in nb.work.items()}, **saved}
+        saved = {**saved, **{k: get(v) for k, v in nb.grad_work.items()}}
         return dict(out=get(nb.out), ins=[get(n) for n in nb.ins], saved=saved, scratch=scratch,
                     dy=get(nb.dy), dxs=[get(n) for n in nb.dxs],
                     accumulate=[(get(a), get(b)) for a, b in nb.accumulate],

@@ -82,6 +82,15 @@ def test_conv2d_matches_twin(data):
     close(dx, R.conv2d_backward_input(d(dy), d(w), s, groups, (H, W)),
           R.conv2d_backward_input(abs(d(dy)), abs(d(w)), s, groups, (H, W)), Og * k * k)
 
+    # a scratch given by the caller (as the executor does), full of junk, changes nothing
+    junk = np.full(K.conv2d_forward_scratch_size(x.shape, k, s, groups) + 3, np.nan, np.float32)
+    again = np.empty_like(out)
+    K.conv2d_forward(again, x, w, b, s, groups, junk)
+    assert np.array_equal(again, out)
+    junk = np.full(K.conv2d_backward_input_scratch_size(x.shape, k, s), np.nan, np.float32)
+    K.conv2d_backward_input(again := np.empty_like(dx), dy, w, s, groups, junk)
+    assert np.array_equal(again, dx)
+
     dw = np.full((len(ch), Ig, k, k), np.nan, np.float32)
     K.conv2d_backward_weight(dw, dy, x, s, groups, ch)
     close(dw, R.conv2d_backward_weight(d(dy), d(x), s, groups, ch, k),
@@ -113,6 +122,12 @@ def test_depthwise_matches_twin(data):
     K.depthwise_backward_input(dx, dy, w, s)
     close(dx, R.depthwise_backward_input(d(dy), d(w), s, (H, W)),
           R.depthwise_backward_input(abs(d(dy)), abs(d(w)), s, (H, W)), k * k)
+
+    junk = np.full(K.depthwise_scratch_size(x.shape, k, s), np.nan, np.float32)
+    K.depthwise_forward(again := np.empty_like(out), x, w, b, s, junk)
+    assert np.array_equal(again, out)
+    K.depthwise_backward_input(again := np.empty_like(dx), dy, w, s, junk)
+    assert np.array_equal(again, dx)
 
     dw = np.full((len(ch), 1, k, k), np.nan, np.float32)
     K.depthwise_backward_weight(dw, dy, x_sel, s, ch)

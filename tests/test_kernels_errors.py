@@ -157,3 +157,26 @@ def test_message_names_op_and_shapes():
     with pytest.raises(KernelInputError) as info:
         K.depthwise_forward(e(1, 16, 8, 8), f(1, 16, 8, 8), f(8, 1, 3, 3), f(8), 1)
     assert str(info.value) == "depthwise_forward: x (1, 16, 8, 8) and w (8, 1, 3, 3) disagree on channels"
+
+
+SCRATCH_OPS = {  # the convolutions that take a scratch: arguments before it, and its size
+    "conv2d_forward": (K.conv2d_forward, lambda: [e(1, 4, 4, 4), f(1, 2, 8, 8), f(4, 1, 3, 3), f(4), 2, 2],
+                       K.conv2d_forward_scratch_size((1, 2, 8, 8), 3, 2, 2)),
+    "conv2d_backward_input": (K.conv2d_backward_input, lambda: [e(1, 2, 8, 8), f(1, 4, 4, 4), f(4, 1, 3, 3), 2, 2],
+                              K.conv2d_backward_input_scratch_size((1, 2, 8, 8), 3, 2)),
+    "depthwise_forward": (K.depthwise_forward, lambda: [e(1, 3, 5, 5), f(1, 3, 5, 5), f(3, 1, 3, 3), f(3), 1],
+                          K.depthwise_scratch_size((1, 3, 5, 5), 3, 1)),
+    "depthwise_backward_input": (K.depthwise_backward_input, lambda: [e(1, 3, 5, 5), f(1, 3, 5, 5), f(3, 1, 5, 5), 1],
+                                 K.depthwise_scratch_size((1, 3, 5, 5), 5, 1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCRATCH_OPS))
+def test_bad_scratch_is_rejected(name):
+    fn, build, size = SCRATCH_OPS[name]
+    fn(*build(), e(size))  # exactly the size it asks for is enough
+    for bad in (e(size - 1), np.empty(size, np.float64), e(size, 1), e(2 * size)[::2]):
+        raises_naming(name, fn, build() + [bad])
+    ro = e(size)
+    ro.flags.writeable = False
+    raises_naming(name, fn, build() + [ro])

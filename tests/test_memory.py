@@ -55,10 +55,14 @@ def test_plan_invariants_on_random_networks(data):
     for node, nb in zip(graph.nodes, program.nodes):
         for name in [nb.out, *nb.ins, *nb.work.values(), *nb.saved.values()]:
             assert by_name[name].alive_at(node.index), (node.name, name)
+        # the convolutions work in planned scratch, in forward and wherever an input gradient is made
+        if node.op.kind in ("conv", "depthwise"):
+            assert "planes" in nb.work
+            assert ("grad-planes" in nb.grad_work) == any(dx is not None for dx in nb.dxs)
         if nb.runs_backward:
             step = 2 * F - 1 - node.index
             for name in [nb.dy, *nb.saved.values(), *filter(None, nb.dxs), nb.dw, nb.db,
-                         *(a for pair in nb.accumulate for a in pair)]:
+                         *nb.grad_work.values(), *(a for pair in nb.accumulate for a in pair)]:
                 if name is not None:
                     assert by_name[name].alive_at(step), (node.name, name, step)
 

@@ -103,14 +103,16 @@ def _kernel_cases(kind, I, O, k, s, S, np, K, torch):
     quarter = np.sort(rng.permutation(O)[: max(1, O // 4)]).astype(np.int64)
     groups = O if kind == "dw" else 1
     if kind == "conv":
-        fwd = lambda: K.conv2d_forward(out, x, w, b, s, 1)  # noqa: E731
-        bwi = lambda: K.conv2d_backward_input(dx, dy, w, s, 1)  # noqa: E731
+        scratch = np.empty(K.conv2d_forward_scratch_size(x.shape, k, s, 1), np.float32)  # as the arena gives
+        fwd = lambda: K.conv2d_forward(out, x, w, b, s, 1, scratch)  # noqa: E731
+        bwi = lambda: K.conv2d_backward_input(dx, dy, w, s, 1, scratch)  # noqa: E731
         def bww(ch):
             dw = np.empty((len(ch),) + w.shape[1:], np.float32)
             return lambda: K.conv2d_backward_weight(dw, dy, x, s, 1, ch)
     elif kind == "dw":
-        fwd = lambda: K.depthwise_forward(out, x, w, b, s)  # noqa: E731
-        bwi = lambda: K.depthwise_backward_input(dx, dy, w, s)  # noqa: E731
+        scratch = np.empty(K.depthwise_scratch_size(x.shape, k, s), np.float32)
+        fwd = lambda: K.depthwise_forward(out, x, w, b, s, scratch)  # noqa: E731
+        bwi = lambda: K.depthwise_backward_input(dx, dy, w, s, scratch)  # noqa: E731
         def bww(ch):
             dw = np.empty((len(ch), 1, k, k), np.float32)
             x_sel = np.ascontiguousarray(x[:, ch])

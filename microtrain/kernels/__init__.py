@@ -1,13 +1,20 @@
 """Numba kernels by op family, forward and backward side by side.
 
-Every public kernel writes into destinations it is given (it never allocates), validates its
-inputs cheaply and raises ``KernelInputError`` naming the op. ``reference`` holds slow NumPy
+Every public kernel writes into destinations it is given, validates its inputs cheaply and raises
+``KernelInputError`` naming the op. None allocates, except that the k x k convolutions' forward
+and backward-input allocate their scratch when the caller passes none (the executor passes
+planned buffers; ``*_scratch_size`` gives the sizes). ``reference`` holds slow NumPy
 twins used by the tests. Importing this package compiles (or loads from Numba's cache) every
 kernel once.
 """
 from ._jit import KernelInputError
-from .conv import conv2d_backward_input, conv2d_backward_weight, conv2d_forward
-from .depthwise import depthwise_backward_input, depthwise_backward_weight, depthwise_forward
+from .conv import (
+    conv2d_backward_input, conv2d_backward_input_scratch_size, conv2d_backward_weight, conv2d_forward,
+    conv2d_forward_scratch_size,
+)
+from .depthwise import (
+    depthwise_backward_input, depthwise_backward_weight, depthwise_forward, depthwise_scratch_size,
+)
 from .elementwise import (
     accumulate, add_forward, avg_pool_backward, avg_pool_forward, bias_backward,
     global_avg_pool_backward, global_avg_pool_forward, relu6_backward, relu6_forward,
@@ -25,7 +32,8 @@ from .pointwise import (
 __all__ = [
     "KernelInputError",
     "conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
-    "depthwise_forward", "depthwise_backward_input", "depthwise_backward_weight",
+    "conv2d_forward_scratch_size", "conv2d_backward_input_scratch_size",
+    "depthwise_forward", "depthwise_backward_input", "depthwise_backward_weight", "depthwise_scratch_size",
     "pointwise_forward", "pointwise_backward_input", "pointwise_backward_weight",
     "linear_forward", "linear_backward_input", "linear_backward_weight",
     "relu6_forward", "relu6_forward_save_mask", "relu6_backward", "add_forward", "accumulate",

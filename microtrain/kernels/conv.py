@@ -2,7 +2,8 @@
 
 groups=1 is the first layer of MCUNet / MobileNetV2 / ProxylessNAS (3 -> 16, 3x3, stride 2);
 small groups serve TinyTL's lite residual branch. Depthwise (groups = channels) has its own,
-faster file. Destinations must not overlap inputs.
+faster file. Destinations must not overlap inputs. Forward and backward-input work in phase
+layout (see ``_jit.py``) inside a float32 scratch the caller may give (``*_scratch_size``).
 
 Shapes: x (N, I, H, W), w (O, I/groups, k, k), b (O,), y (N, O, Ho, Wo),
 Ho = (H + 2p - k) // stride + 1 with p = (k - 1) // 2.
@@ -10,81 +11,49 @@ Ho = (H + 2p - k) // stride + 1 with p = (k - 1) // 2.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from ._jit import (
-    array, f32_1r, f32_4, f32_4r, fail, i64, i64_1r, indices, int_at_least, kernel,
-    odd_square_kernel, out_size, shape_is, stride_ok, tap_gather, tap_scatter, u,
-    valid_range, void,
+    array, f32_1, f32_1r, f32_4, f32_4r, fail, from_phases, from_wide, i64, i64_1r, indices,
+    int_at_least, kernel, odd_square_kernel, out_size, phase_geometry, phase_scratch_size,
+    scratch_for, shape_is, stride_ok, to_phases, to_wide, u, valid_range, void, wide_gather,
+    wide_scatter,
 )
 
-__all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight"]
+__all__ = ["conv2d_forward", "conv2d_backward_input", "conv2d_backward_weight",
+           "conv2d_forward_scratch_size", "conv2d_backward_input_scratch_size"]
 
 
 # --------------------------------------------------------------------------- forward
-@njit(inline="always")
-def _row3(out, x, w, n, o, c, ci, kh, oh0, oh1, stride, W, Wo):  # pragma: no cover - compiled
-    """Add kernel row kh of a 3x3 kernel (padding 1) to output rows [oh0, oh1) of out[n, o]."""
-    w0, w1, w2 = w[o, ci, kh, 0], w[o, ci, kh, 1], w[o, ci, kh, 2]
-    lo = valid_range(-1, stride, W, Wo)[0]        # first column whose left tap is inside
-    hi = valid_range(1, stride, W, Wo)[1]         # past the last column whose right tap is
-    if hi < lo:
-        hi = lo
-    for oh in range(oh0, oh1):
-        ih = u(stride * oh + kh - 1)
-        # interior columns: all three taps inside the row; stride literal per branch
-        if stride == 1:
-            for ow in range(lo, hi):
-                out[n, o, u(oh), u(ow)] += (w0 * x[n, c, ih, u(ow - 1)] + w1 * x[n, c, ih, u(ow)]
-                                            + w2 * x[n, c, ih, u(ow + 1)])
-        else:
-            for ow in range(lo, hi):
-                out[n, o, u(oh), u(ow)] += (w0 * x[n, c, ih, u(2 * ow - 1)] + w1 * x[n, c, ih, u(2 * ow)]
-                                            + w2 * x[n, c, ih, u(2 * ow + 1)])
-        # edge columns (at most one per side), tap by tap with the padding skipped
-        for e in range(lo + Wo - hi):
-            ow = e if e < lo else hi + e - lo
-            for kw in range(3):
-                iw = stride * ow + kw - 1
-                if iw >= 0 and iw < W:
-                    out[n, o, u(oh), u(ow)] += w[o, ci, kh, kw] * x[n, c, ih, u(iw)]
-
-
-@kernel(void(f32_4, f32_4r, f32_4r, f32_1r, i64, i64))
-def _conv2d_forward(out, x, w, b, stride, groups):  # pragma: no cover - compiled
+@kernel(void(f32_4, f32_4r, f32_4r, f32_1r, i64, i64, f32_1))
+def _conv2d_forward(out, x, w, b, stride, groups, scratch):  # pragma: no cover - compiled
     N, I, H, W = x.shape
     O, Ig, k, _ = w.shape
-    Ho, Wo = out.shape[2], out.shape[3]
     Og = O // groups
     p = (k - 1) // 2
+    Wq, L = phase_geometry(H, W, k, stride)
+    S = stride * stride * L
+    count = out.shape[2] * Wq
+    acc = scratch[Ig * S:Ig * S + count]
+    scratch[:Ig * S] = 0.0  # the padding; to_phases rewrites only the interior
     for n in range(N):
-        for o in range(O):
-            out[n, o, :, :] = b[o]
-            c0 = (o // Og) * Ig
-            # each tap (ci, kh, kw) adds a shifted, strided input plane times one weight; output
-            # rows are the contiguous innermost loop and the plane stays in L1 across taps
-            # (tap_gather keeps the stride a literal per branch so LLVM vectorises unit stride)
+        for g in range(groups):
+            # the group's input planes in phase layout once, then every output plane of the
+            # group as a sum over (input, tap) on the wide grid
             for ci in range(Ig):
-                c = c0 + ci
-                for kh in range(k):
-                    oh0, oh1 = valid_range(kh - p, stride, H, Ho)
-                    if k == 3:
-                        # the three taps of a kernel row in one body: at stride 2 they read
-                        # both even and odd inputs, which LLVM loads as whole vectors and
-                        # de-interleaves (measured ~3x faster than one tap per pass)
-                        _row3(out, x, w, n, o, c, ci, kh, oh0, oh1, stride, W, Wo)
-                        continue
-                    for kw in range(k):
-                        ow0, ow1 = valid_range(kw - p, stride, W, Wo)
-                        wv = w[o, ci, kh, kw]
-                        tap_gather(out, n, o, x, c, wv, oh0, oh1, ow0, ow1, kh - p, kw - p, stride)
+                to_phases(scratch[ci * S:(ci + 1) * S], x, n, g * Ig + ci, p, stride, Wq, L)
+            for o in range(g * Og, (g + 1) * Og):
+                acc[:] = b[o]
+                for ci in range(Ig):
+                    wide_gather(acc, scratch[ci * S:(ci + 1) * S], w, o, ci, stride, Wq, L, count)
+                from_wide(out, n, o, acc, Wq)
 
 
-def conv2d_forward(out, x, w, b, stride, groups):
+def conv2d_forward(out, x, w, b, stride, groups, scratch=None):
     """out = conv(x, w) + b. OVERWRITES out.
 
     out (N, O, Ho, Wo); x (N, I, H, W); w (O, I/groups, k, k); b (O,); stride 1 or 2;
-    groups divides I and O.
+    groups divides I and O; scratch float32 of at least conv2d_forward_scratch_size(x.shape, k,
+    stride, groups) entries (allocated when None).
     """
     op = "conv2d_forward"
     _check_conv(op, x, w, stride, groups)
@@ -94,37 +63,44 @@ def conv2d_forward(out, x, w, b, stride, groups):
     O, k = w.shape[0], w.shape[2]
     shape_is(op, "b", b, (O,), "one bias per output channel")
     shape_is(op, "out", out, (N, O, out_size(H, k, stride), out_size(W, k, stride)))
-    _conv2d_forward(out, x, w, b, stride, groups)
+    need = phase_scratch_size(H, W, k, stride, planes=I // groups)
+    _conv2d_forward(out, x, w, b, stride, groups, scratch_for(op, scratch, need))
+
+
+def conv2d_forward_scratch_size(x_shape, k: int, stride: int, groups: int) -> int:
+    """float32 entries of scratch the forward takes: one group's input planes."""
+    return phase_scratch_size(x_shape[2], x_shape[3], k, stride, planes=x_shape[1] // groups)
 
 
 # --------------------------------------------------------------------------- backward input
-@kernel(void(f32_4, f32_4r, f32_4r, i64, i64))
-def _conv2d_backward_input(dx, dy, w, stride, groups):  # pragma: no cover - compiled
+@kernel(void(f32_4, f32_4r, f32_4r, i64, i64, f32_1))
+def _conv2d_backward_input(dx, dy, w, stride, groups, scratch):  # pragma: no cover - compiled
     N, I, H, W = dx.shape
     O, Ig, k, _ = w.shape
-    Ho, Wo = dy.shape[2], dy.shape[3]
     Og = O // groups
     p = (k - 1) // 2
+    Wq, L = phase_geometry(H, W, k, stride)
+    S = stride * stride * L
+    count = dy.shape[2] * Wq
+    ph, acc = scratch[:S], scratch[S:S + count]
     for n in range(N):
         for c in range(I):
-            dx[n, c, :, :] = 0.0
             g = c // Ig
             ci = c - g * Ig
-            # the transpose of the forward: each output gradient row is scattered back, once per
-            # tap, onto the input row it was read from; one input plane is finished at a time
+            # the transpose of the forward: every output gradient plane of the group, on the
+            # wide grid, scattered back once per tap into the zeroed phase planes of dx[n, c]
+            ph[:] = 0.0
             for o in range(g * Og, (g + 1) * Og):
-                for kh in range(k):
-                    oh0, oh1 = valid_range(kh - p, stride, H, Ho)
-                    for kw in range(k):
-                        ow0, ow1 = valid_range(kw - p, stride, W, Wo)
-                        wv = w[o, ci, kh, kw]
-                        tap_scatter(dx, n, c, dy, o, wv, oh0, oh1, ow0, ow1, kh - p, kw - p, stride)
+                to_wide(acc, dy, n, o, Wq)
+                wide_scatter(ph, acc, w, o, ci, stride, Wq, L, count)
+            from_phases(dx, n, c, ph, p, stride, Wq, L)
 
 
-def conv2d_backward_input(dx, dy, w, stride, groups):
+def conv2d_backward_input(dx, dy, w, stride, groups, scratch=None):
     """dx = dL/dx of conv2d_forward given dy = dL/dout. OVERWRITES dx.
 
-    dx (N, I, H, W); dy (N, O, Ho, Wo); w (O, I/groups, k, k).
+    dx (N, I, H, W); dy (N, O, Ho, Wo); w (O, I/groups, k, k); scratch float32 of at least
+    conv2d_backward_input_scratch_size(dx.shape, k, stride) entries (allocated when None).
     """
     op = "conv2d_backward_input"
     array(op, "dx", dx, 4, writable=True)
@@ -133,7 +109,12 @@ def conv2d_backward_input(dx, dy, w, stride, groups):
     N, I, H, W = dx.shape
     O, k = w.shape[0], w.shape[2]
     shape_is(op, "dy", dy, (N, O, out_size(H, k, stride), out_size(W, k, stride)))
-    _conv2d_backward_input(dx, dy, w, stride, groups)
+    _conv2d_backward_input(dx, dy, w, stride, groups, scratch_for(op, scratch, phase_scratch_size(H, W, k, stride)))
+
+
+def conv2d_backward_input_scratch_size(x_shape, k: int, stride: int) -> int:
+    """float32 entries of scratch the backward-input takes: one plane."""
+    return phase_scratch_size(x_shape[2], x_shape[3], k, stride)
 
 
 # --------------------------------------------------------------------------- backward weight

@@ -1,5 +1,7 @@
 """Depthwise k x k convolution (k in 3, 5, 7; stride 1 or 2; padding (k-1)//2), forward and
 backward. Each channel is convolved with its own kernel. Destinations must not overlap inputs.
+Forward and backward-input work plane by plane in phase layout (see ``_jit.py``) inside a
+float32 scratch of ``depthwise_scratch_size`` entries that the caller may give.
 
 Shapes: x (N, C, H, W), w (C, 1, k, k), b (C,), y (N, C, Ho, Wo),
 Ho = (H + 2p - k) // stride + 1 with p = (k - 1) // 2.
@@ -9,38 +11,38 @@ from __future__ import annotations
 import numpy as np
 
 from ._jit import (
-    array, f32_1r, f32_4, f32_4r, fail, i64, i64_1r, indices, kernel, odd_square_kernel,
-    out_size, shape_is, stride_ok, tap_gather, tap_scatter, u, valid_range, void,
+    array, f32_1, f32_1r, f32_4, f32_4r, fail, from_phases, from_wide, i64, i64_1r, indices, kernel,
+    odd_square_kernel, out_size, phase_geometry, phase_scratch_size, scratch_for, shape_is, stride_ok,
+    to_phases, to_wide, u, valid_range, void, wide_gather, wide_scatter,
 )
 
-__all__ = ["depthwise_forward", "depthwise_backward_input", "depthwise_backward_weight"]
+__all__ = ["depthwise_forward", "depthwise_backward_input", "depthwise_backward_weight", "depthwise_scratch_size"]
 
 
 # --------------------------------------------------------------------------- forward
-@kernel(void(f32_4, f32_4r, f32_4r, f32_1r, i64))
-def _depthwise_forward(out, x, w, b, stride):  # pragma: no cover - compiled
+@kernel(void(f32_4, f32_4r, f32_4r, f32_1r, i64, f32_1))
+def _depthwise_forward(out, x, w, b, stride, scratch):  # pragma: no cover - compiled
     N, C, H, W = x.shape
     k = w.shape[2]
-    Ho, Wo = out.shape[2], out.shape[3]
     p = (k - 1) // 2
+    Wq, L = phase_geometry(H, W, k, stride)
+    S = stride * stride * L
+    count = out.shape[2] * Wq
+    ph, acc = scratch[:S], scratch[S:S + count]
+    ph[:] = 0.0  # the padding; to_phases rewrites only the interior
     for n in range(N):
         for c in range(C):
-            out[n, c, :, :] = b[c]
-            # each tap adds one shifted, strided copy of the input plane times its weight;
-            # output rows are the contiguous innermost loop (tap_gather keeps the stride a literal
-            # in each branch so LLVM vectorises the unit-stride one with plain vector loads)
-            for kh in range(k):
-                oh0, oh1 = valid_range(kh - p, stride, H, Ho)
-                for kw in range(k):
-                    ow0, ow1 = valid_range(kw - p, stride, W, Wo)
-                    wv = w[c, 0, kh, kw]
-                    tap_gather(out, n, c, x, c, wv, oh0, oh1, ow0, ow1, kh - p, kw - p, stride)
+            to_phases(ph, x, n, c, p, stride, Wq, L)
+            acc[:] = b[c]
+            wide_gather(acc, ph, w, c, 0, stride, Wq, L, count)
+            from_wide(out, n, c, acc, Wq)
 
 
-def depthwise_forward(out, x, w, b, stride):
+def depthwise_forward(out, x, w, b, stride, scratch=None):
     """out = depthwise_conv(x, w) + b. OVERWRITES out.
 
-    out (N, C, Ho, Wo); x (N, C, H, W); w (C, 1, k, k); b (C,); stride 1 or 2.
+    out (N, C, Ho, Wo); x (N, C, H, W); w (C, 1, k, k); b (C,); stride 1 or 2; scratch float32
+    of at least depthwise_scratch_size(x.shape, k, stride) entries (allocated when None).
     """
     op = "depthwise_forward"
     array(op, "x", x, 4)
@@ -52,33 +54,38 @@ def depthwise_forward(out, x, w, b, stride):
     k = w.shape[2]
     shape_is(op, "b", b, (C,), "one bias per channel")
     shape_is(op, "out", out, (N, C, out_size(H, k, stride), out_size(W, k, stride)))
-    _depthwise_forward(out, x, w, b, stride)
+    _depthwise_forward(out, x, w, b, stride, scratch_for(op, scratch, phase_scratch_size(H, W, k, stride)))
+
+
+def depthwise_scratch_size(x_shape, k: int, stride: int) -> int:
+    """float32 entries of scratch the forward and backward-input kernels take (one plane)."""
+    return phase_scratch_size(x_shape[2], x_shape[3], k, stride)
 
 
 # --------------------------------------------------------------------------- backward input
-@kernel(void(f32_4, f32_4r, f32_4r, i64))
-def _depthwise_backward_input(dx, dy, w, stride):  # pragma: no cover - compiled
+@kernel(void(f32_4, f32_4r, f32_4r, i64, f32_1))
+def _depthwise_backward_input(dx, dy, w, stride, scratch):  # pragma: no cover - compiled
     N, C, H, W = dx.shape
     k = w.shape[2]
-    Ho, Wo = dy.shape[2], dy.shape[3]
     p = (k - 1) // 2
+    Wq, L = phase_geometry(H, W, k, stride)
+    S = stride * stride * L
+    count = dy.shape[2] * Wq
+    ph, acc = scratch[:S], scratch[S:S + count]
     for n in range(N):
         for c in range(C):
-            dx[n, c, :, :] = 0.0
-            # the transpose of the forward: each output gradient row is scattered back, once
-            # per tap, onto the input row it was read from
-            for kh in range(k):
-                oh0, oh1 = valid_range(kh - p, stride, H, Ho)
-                for kw in range(k):
-                    ow0, ow1 = valid_range(kw - p, stride, W, Wo)
-                    wv = w[c, 0, kh, kw]
-                    tap_scatter(dx, n, c, dy, c, wv, oh0, oh1, ow0, ow1, kh - p, kw - p, stride)
+            # the transpose of the forward: the output gradient plane, on the wide grid, is
+            # scattered back once per tap into the zeroed phase planes of dx[n, c]
+            ph[:] = 0.0
+            to_wide(acc, dy, n, c, Wq)
+            wide_scatter(ph, acc, w, c, 0, stride, Wq, L, count)
+            from_phases(dx, n, c, ph, p, stride, Wq, L)
 
 
-def depthwise_backward_input(dx, dy, w, stride):
+def depthwise_backward_input(dx, dy, w, stride, scratch=None):
     """dx = dL/dx of depthwise_forward given dy = dL/dout. OVERWRITES dx.
 
-    dx (N, C, H, W); dy (N, C, Ho, Wo); w (C, 1, k, k).
+    dx (N, C, H, W); dy (N, C, Ho, Wo); w (C, 1, k, k); scratch as for depthwise_forward.
     """
     op = "depthwise_backward_input"
     array(op, "dx", dx, 4, writable=True)
@@ -88,7 +95,7 @@ def depthwise_backward_input(dx, dy, w, stride):
     N, C, H, W = dx.shape
     k = w.shape[2]
     shape_is(op, "dy", dy, (N, C, out_size(H, k, stride), out_size(W, k, stride)))
-    _depthwise_backward_input(dx, dy, w, stride)
+    _depthwise_backward_input(dx, dy, w, stride, scratch_for(op, scratch, phase_scratch_size(H, W, k, stride)))
 
 
 # --------------------------------------------------------------------------- backward weight
