@@ -530,9 +530,10 @@ def cmd_run(args, argv: list[str]) -> int:
                   [PROG, *argv])
     commit = _git_commit()
     tasks, skipped = [], 0
-    for bkey, (weights, _, fwd) in backbones.items():
-        budgets = {"memory": settings["mem_budget_bytes"], "macs": parse_macs(settings["mac_budget"], fwd)}
-        for seed in seeds:  # episode-major: an interrupted run leaves whole episodes for every method
+    budgets = {bkey: {"memory": settings["mem_budget_bytes"], "macs": parse_macs(settings["mac_budget"], fwd)}
+               for bkey, (_, _, fwd) in backbones.items()}
+    for seed in seeds:  # episode-major: an interrupted run leaves whole episodes for every cell
+        for bkey, (weights, _, _) in backbones.items():
             for dkey, (path, _) in domains.items():
                 for method in methods:
                     file = episode_path(out, bkey, dkey, method, seed)
@@ -540,7 +541,7 @@ def cmd_run(args, argv: list[str]) -> int:
                         skipped += 1
                         continue
                     tasks.append({"backbone": bkey, "domain": dkey, "seed": seed, "method": method,
-                                  "weights": weights, "source": path, "settings": settings, "budgets": budgets,
+                                  "weights": weights, "source": path, "settings": settings, "budgets": budgets[bkey],
                                   "commit": commit})
     print(f"{len(tasks) + skipped} tasks ({len(backbones)} backbone(s) x {len(domains)} domain(s) x "
           f"{len(seeds)} episode(s) x {len(methods)} method(s)): {skipped} already in {out}, {len(tasks)} to run"
