@@ -1,7 +1,7 @@
 """Print memory plans of one network under several selections (a demonstration, not a test).
 
     python tools/plan_demo.py                 # a small random MBConv network
-    python tools/plan_demo.py --model mcunet-5fps [--verbose]
+    python tools/plan_demo.py --model mcunet-5fps [--batch 100] [--verbose]
 
 Shows what the planner keeps: training only the last block keeps that block's activations only,
 a channel subset shrinks the gradients and kept activations in proportion, and the planned
@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="a shared backbone name or weight file instead of the demo network")
     p.add_argument("--ways", type=int, default=10)
+    p.add_argument("--batch", type=int, default=1,
+                   help="images per step (the paper gives FullTrain and TinyTL batch 100); only planned, never run")
     p.add_argument("--verbose", action="store_true", help="list every buffer")
     args = p.parse_args(argv)
     if args.model:
@@ -53,7 +55,9 @@ def main(argv=None) -> int:
         net = _resolve_model(args.model)
     else:
         net = demo_network()
-    graph = net.protonet_graph(1, args.ways, 10.0)
+    if args.batch < 1:
+        p.error("--batch must be >= 1")
+    graph = net.protonet_graph(args.batch, args.ways, 10.0)
     last_block = len(net.arch["blocks"]) - 1
     last = [layer for layer in net.layers if layer.name.startswith(f"blocks.{last_block}.")]
     half = lambda layer: LayerUpdate.channels(range(0, layer.out_channels, 2))  # noqa: E731
@@ -63,7 +67,7 @@ def main(argv=None) -> int:
         f"last block, every other channel": Selection({l.name: half(l) for l in last}),
         "every layer (full training)": Selection({l.name: LayerUpdate.full(l.out_channels) for l in net.layers}),
     }
-    print(f"{net.name}: {len(net.layers)} conv layers, input (1, 3, {net.resolution}, {net.resolution}), "
+    print(f"{net.name}: {len(net.layers)} conv layers, input ({args.batch}, 3, {net.resolution}, {net.resolution}), "
           f"SGD with momentum\n")
     for title, sel in cases.items():
         plan = Program(graph, sel, momentum=True).plan
