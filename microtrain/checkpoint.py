@@ -398,7 +398,7 @@ _SOURCE_KINDS = ("int8-dict", "torch-state-dict")
 
 def validate_arch(arch) -> None:
     """Raise ``CheckpointError`` unless ``arch`` is a well-formed architecture dict."""
-    _check_keys(arch, _ARCH_KEYS, (), "arch")
+    _check_keys(arch, _ARCH_KEYS, ("lite_residual",), "arch")
     if not isinstance(arch["name"], str) or not arch["name"]:
         raise CheckpointError("'arch.name' must be a non-empty string")
     _pos_int(arch["resolution"], "arch.resolution")
@@ -431,6 +431,14 @@ def validate_arch(arch) -> None:
     _check_keys(src, ("file", "sha256", "kind"), (), "arch.source")
     if not isinstance(src["file"], str) or not isinstance(src["sha256"], str) or src["kind"] not in _SOURCE_KINDS:
         raise CheckpointError(f"'arch.source' must name a file, its sha256 and a kind in {_SOURCE_KINDS}")
+    lite = arch.get("lite_residual")
+    if lite is not None:  # TinyTL's branches, saved with a network adapted by that method
+        _check_keys(lite, ("downsample", "expand", "groups", "max_kernel"), (), "arch.lite_residual")
+        for key in ("downsample", "groups"):
+            _pos_int(lite[key], f"arch.lite_residual.{key}")
+        _odd(lite["max_kernel"], "arch.lite_residual.max_kernel")
+        if type(lite["expand"]) not in (int, float) or not 0 < lite["expand"] <= 16:
+            raise CheckpointError("'arch.lite_residual.expand' must be a number in (0, 16]")
 
 
 def weight_shapes(arch: Mapping) -> dict[str, tuple[int, ...]]:
@@ -455,6 +463,10 @@ def weight_shapes(arch: Mapping) -> dict[str, tuple[int, ...]]:
     if arch["feature_mix"] is not None:
         shapes["feature_mix.weight"] = (arch["feature_mix"]["out"], c, 1, 1)
         shapes["feature_mix.bias"] = (arch["feature_mix"]["out"],)
+    if arch.get("lite_residual") is not None:
+        from .tinytl import lite_weight_shapes  # the engine, needed only for such files
+
+        shapes.update(lite_weight_shapes(arch))
     return shapes
 
 

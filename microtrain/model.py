@@ -106,6 +106,20 @@ class Network:
             self.params[layer.name] = (w, b)
         self.extra = {k: v for k, v in arrays.items() if k.split(".")[0] == "classifier"}
         self._feature_runs: dict[tuple, object] = {}
+        # TinyTL's lite residual branches, part of a network that method adapted (None otherwise)
+        self.block_hook = None
+        if arch.get("lite_residual") is not None:
+            from .tinytl import LiteResidualHook, arch_specs
+
+            settings = arch["lite_residual"]
+            self.block_hook = LiteResidualHook(arch_specs(arch, **settings), settings=settings, arrays=arrays)
+
+    def attach_lite_residual(self, hook) -> None:
+        """Make TinyTL's trained branches part of this network: its graphs, ``state()`` and
+        ``arch`` (so a saved file holds them and ``load`` rebuilds them)."""
+        self.block_hook = hook
+        self.arch = {**self.arch, "lite_residual": hook.settings}
+        self._feature_runs.clear()
 
     @property
     def name(self) -> str:
@@ -130,7 +144,10 @@ class Network:
         """Add the backbone to ``g`` from image ``x`` to the pooled embedding (N, C).
 
         ``block_hook(g, b, block_input, block_output) -> Value`` may rewrite each block's output
-        (TinyTL adds its lite residual branch there)."""
+        (TinyTL adds its lite residual branch there); None means the network's own (see
+        ``attach_lite_residual``)."""
+        if block_hook is None:
+            block_hook = self.block_hook
         def conv(layer: ConvLayer, h: Value) -> Value:
             w, b = self.params[layer.name]
             if layer.kind == "conv":
@@ -203,7 +220,8 @@ class Network:
         out = {}
         for name, (w, b) in self.params.items():
             out[f"{name}.weight"], out[f"{name}.bias"] = w, b
-        return {**out, **self.extra}
+        lite = self.block_hook.state() if self.block_hook is not None else {}
+        return {**out, **lite, **self.extra}
 
     def copy(self) -> "Network":
         return Network(self.arch, {k: v.copy() for k, v in self.state().items()})

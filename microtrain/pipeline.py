@@ -14,6 +14,7 @@ import numpy as np
 from .autograd import Program
 from .methods import Budgets, plan_method
 from .model import Network
+from .tinytl import LiteResidualHook
 from .tinytrain import backward_macs
 from .train import FinetuneConfig, embed, finetune, prototype_accuracy
 
@@ -49,6 +50,8 @@ def adapt_episode(net: Network, support: np.ndarray, support_labels: np.ndarray,
     record["finetune"] = vars(cfg).copy()
     if plan.trains:
         result = finetune(net, plan.selection, support, support_labels, cfg, progress, plan.block_hook)
+        if isinstance(plan.block_hook, LiteResidualHook):
+            net.attach_lite_residual(plan.block_hook)  # the adapted network: backbone + trained branches
         train_seconds = result.seconds
         mem = result.plan
         graph = net.protonet_graph(cfg.batch, int(support_labels.max()) + 1, cfg.scale, plan.block_hook)

@@ -56,7 +56,7 @@ import numpy as np
 
 from .autograd import Graph, GraphError, Program, Value
 from .methods import MethodPlan
-from .model import Network, conv_out_size
+from .model import Network, conv_out_size, layer_specs
 from .selection import LayerUpdate, Selection
 from .tinytrain import backward_macs
 
@@ -158,9 +158,14 @@ def lite_spec(block: int, in_channels: int, out_channels: int, in_size: int, out
 
 def network_specs(net: Network, **defaults) -> list[LiteSpec]:
     """One branch geometry per block of ``net`` at its resolution."""
-    by_name = {layer.name: layer for layer in net.layers}
+    return arch_specs(net.arch, **defaults)
+
+
+def arch_specs(arch: dict, **defaults) -> list[LiteSpec]:
+    """One branch geometry per block of an architecture at its resolution."""
+    by_name = {layer.name: layer for layer in layer_specs(arch)}
     specs = []
-    for b, block in enumerate(net.arch["blocks"]):
+    for b, block in enumerate(arch["blocks"]):
         parts = [by_name[f"blocks.{b}.{p}"] for p in ("expand", "depthwise", "project") if f"blocks.{b}.{p}" in by_name]
         first, last = parts[0], parts[-1]
         specs.append(lite_spec(b, first.in_channels, last.out_channels, first.in_size, last.out_size,
@@ -176,10 +181,22 @@ class LiteResidualHook:
     executors of evaluation) shares them. Hashed by identity, so executors cached per
     (batch, hook) stay valid."""
 
-    def __init__(self, specs: list[LiteSpec], seed: int = 0):
+    def __init__(self, specs: list[LiteSpec], seed: int = 0, settings: dict | None = None,
+                 arrays: dict[str, np.ndarray] | None = None):
+        """Branch parameters drawn from ``seed``, or taken from ``arrays`` (a saved adapted
+        network's, by ``state()`` names). ``settings``: the geometry overrides the specs were
+        made with (stored with a saved network, so the same specs can be rebuilt)."""
         self.specs = {s.block: s for s in specs}
+        self.settings = {"downsample": DOWNSAMPLE, "expand": EXPAND, "groups": GROUPS, "max_kernel": MAX_KERNEL,
+                         **(settings or {})}
         rng = np.random.default_rng(seed)
         self.params: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if arrays is not None:
+            for s in specs:
+                for name in (s.conv_name, s.project_name):
+                    self.params[name] = tuple(np.array(arrays[f"{name}.{part}"], np.float32)
+                                              for part in ("weight", "bias"))
+            return
         for s in specs:
             # He initialisation, fan-out mode as in the public code: N(0, 2 / (k * k * out)).
             std = math.sqrt(2.0 / (s.kernel * s.kernel * s.mid_channels))
@@ -230,12 +247,24 @@ class LiteResidualHook:
         return f"LiteResidualHook({len(self.specs)} blocks, {self.param_count} parameters)"
 
 
+def lite_weight_shapes(arch: dict) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the branch arrays an architecture with ``lite_residual`` settings holds."""
+    shapes = {}
+    for s in arch_specs(arch, **arch["lite_residual"]):
+        shapes[f"{s.conv_name}.weight"], shapes[f"{s.conv_name}.bias"] = s.conv_weight_shape, (s.mid_channels,)
+        shapes[f"{s.project_name}.weight"], shapes[f"{s.project_name}.bias"] = s.project_weight_shape, (s.out_channels,)
+    return shapes
+
+
 def plan_tinytl(net: Network, seed: int = 0, **defaults) -> MethodPlan:
     """TinyTL's plan for ``net``: a lite residual branch on every block (parameters from ``seed``),
     both lite layers trained fully, every backbone conv's bias trained, backbone weights frozen.
     ``defaults`` override ``downsample``, ``expand``, ``groups`` or ``max_kernel``."""
+    if net.block_hook is not None:
+        raise GraphError(f"{net.name} already carries TinyTL branches (an adapted network): "
+                         "adapt the original backbone instead")
     specs = network_specs(net, **defaults)
-    hook = LiteResidualHook(specs, seed)
+    hook = LiteResidualHook(specs, seed, settings=defaults)
     chosen = {layer.name: LayerUpdate.bias_only(layer.out_channels) for layer in net.layers}
     choices = []
     for s in specs:

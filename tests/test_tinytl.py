@@ -285,3 +285,36 @@ def test_mcunet_backward_memory():
     assert rows[1].backward_bytes > 3 * 512 * 1024
     assert rows[100].category_bytes(memory.SAVED) > 90 * rows[1].category_bytes(memory.SAVED)
     assert rows[100].backward_bytes < full.backward_bytes
+
+
+def test_adapted_network_saves_and_reloads_its_branches(tmp_path):
+    """A TinyTL-adapted network is backbone + trained branches: adapt_episode attaches them, the
+    weight file holds them (arch ``lite_residual`` + ``blocks.{b}.lite.*`` arrays), and ``load``
+    rebuilds the same embeddings; a file missing a branch array is refused."""
+    from microtrain.checkpoint import CheckpointError, load_weights, save_weights
+    from microtrain.model import load
+    from microtrain.pipeline import adapt_episode
+    from microtrain.train import FinetuneConfig
+
+    arch = {**small_arch(), "source": {"file": "test", "sha256": "0" * 64, "kind": "int8-dict"}}
+    net = Network(arch, random_arrays(arch, 0))
+    rng = np.random.default_rng(1)
+    support = rng.integers(0, 256, (6, 3, 16, 16), dtype=np.uint8)
+    labels = np.array([0, 0, 1, 1, 2, 2], np.int64)
+    adapt_episode(net, support, labels, support, labels, "tinytl", Budgets(512 * 1024, 10 ** 6),
+                  FinetuneConfig(epochs=2, batch=2, lr=1e-2))
+    assert isinstance(net.block_hook, LiteResidualHook) and "lite_residual" in net.arch
+    assert any(w.any() for name, (w, _) in net.block_hook.params.items() if name.endswith("project"))
+    x = _images(3, net.resolution, seed=2)
+    path = save_weights(tmp_path / "adapted.npz", net.arch, net.state())
+    back = load(path)
+    assert back.block_hook is not None and back.block_hook.layer_names == net.block_hook.layer_names
+    assert np.array_equal(back.features(x), net.features(x))
+    plain = Network(arch, {k: v for k, v in net.state().items() if ".lite." not in k})
+    assert not np.allclose(plain.features(x), net.features(x))  # the branches do matter
+    with pytest.raises(GraphError, match="already carries TinyTL branches"):
+        plan_tinytl(back)
+    _, arrays = load_weights(path)
+    arrays.pop("blocks.1.lite.conv.bias")
+    with pytest.raises(CheckpointError, match="missing key 'blocks.1.lite.conv.bias'"):
+        save_weights(tmp_path / "broken.npz", net.arch, arrays)
