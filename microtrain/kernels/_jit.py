@@ -251,15 +251,20 @@ def from_phases(dx, n, c, ph, p, stride, Wq, L):  # pragma: no cover - compiled
 
 
 @njit(inline="always")
+def tap_shift(kh, kw, stride, Wq, L):  # pragma: no cover - compiled
+    """Where tap (kh, kw) reads: the start of its phase plane (kh % stride, kw % stride) plus its
+    shift (kh // stride rows, kw // stride columns) on that plane."""
+    return (kh % stride) * stride * L + (kw % stride) * L + (kh // stride) * Wq + kw // stride
+
+
+@njit(inline="always")
 def wide_gather(acc, ph, w, o, ci, stride, Wq, L, count):  # pragma: no cover - compiled
     """acc[i] += w[o, ci, kh, kw] * (tap (kh, kw)'s phase, shifted)[i] for i < count, taps in
     (kh, kw) order: the forward of one (output, input) plane pair on the wide grid."""
     k = w.shape[2]
     for kh in range(k):
-        row = (kh % stride) * stride * L + (kh // stride) * Wq
         for kw in range(k):
-            base = row + (kw % stride) * L + kw // stride
-            wv = w[o, ci, kh, kw]
+            base, wv = tap_shift(kh, kw, stride, Wq, L), w[o, ci, kh, kw]
             for i in range(count):
                 acc[u(i)] += wv * ph[u(base + i)]
 
@@ -270,10 +275,8 @@ def wide_scatter(ph, acc, w, o, ci, stride, Wq, L, count):  # pragma: no cover -
     wide_gather (backward-input). acc's junk columns must be zero."""
     k = w.shape[2]
     for kh in range(k):
-        row = (kh % stride) * stride * L + (kh // stride) * Wq
         for kw in range(k):
-            base = row + (kw % stride) * L + kw // stride
-            wv = w[o, ci, kh, kw]
+            base, wv = tap_shift(kh, kw, stride, Wq, L), w[o, ci, kh, kw]
             for i in range(count):
                 ph[u(base + i)] += wv * acc[u(i)]
 
