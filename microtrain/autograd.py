@@ -77,8 +77,9 @@ class Op:
         """Scratch the forward needs: name -> (shape, dtype). A saved entry of the same name wins."""
         return {}
 
-    def backward_workspace(self, node, shapes) -> dict:
-        """Scratch backward_input needs (passed to it among ``saved``): name -> (shape, dtype)."""
+    def backward_workspace(self, node, shapes, upd: LayerUpdate | None) -> dict:
+        """Scratch the backward (input and weight gradients under ``upd``) needs, passed to both
+        among ``saved``: name -> (shape, dtype)."""
         return {}
 
     def forward(self, node, out, ins, scratch, save: bool):
@@ -134,8 +135,12 @@ class Conv2d(_WeightedOp):
         size = kconv.conv2d_forward_scratch_size(shapes[0], node.weight.shape[-1], self.stride, self.groups)
         return {"planes": ((size,), F32)}
 
-    def backward_workspace(self, node, shapes):
-        size = kconv.conv2d_backward_input_scratch_size(shapes[0], node.weight.shape[-1], self.stride)
+    def backward_workspace(self, node, shapes, upd):
+        k = node.weight.shape[-1]
+        if upd is not None and upd.trains_weight:  # the weight gradient reads a group's input planes
+            size = kconv.conv2d_forward_scratch_size(shapes[0], k, self.stride, self.groups)
+        else:
+            size = kconv.conv2d_backward_input_scratch_size(shapes[0], k, self.stride)
         return {"grad-planes": ((size,), F32)}
 
     def forward(self, node, out, ins, scratch, save):
@@ -146,7 +151,7 @@ class Conv2d(_WeightedOp):
         kconv.conv2d_backward_input(dxs[0], dy, node.weight, self.stride, self.groups, saved["grad-planes"])
 
     def weight_grad(self, node, dw, dy, saved, channels):
-        kconv.conv2d_backward_weight(dw, dy, saved["x"], self.stride, self.groups, channels)
+        kconv.conv2d_backward_weight(dw, dy, saved["x"], self.stride, self.groups, channels, saved["grad-planes"])
 
 
 class Depthwise(_WeightedOp):
@@ -172,7 +177,7 @@ class Depthwise(_WeightedOp):
     def workspace(self, node, shapes):
         return {"planes": ((kdw.depthwise_scratch_size(shapes[0], node.weight.shape[-1], self.stride),), F32)}
 
-    def backward_workspace(self, node, shapes):
+    def backward_workspace(self, node, shapes, upd):
         return {"grad-planes": self.workspace(node, shapes)["planes"]}
 
     def forward(self, node, out, ins, scratch, save):
@@ -185,7 +190,7 @@ class Depthwise(_WeightedOp):
 
     def weight_grad(self, node, dw, dy, saved, channels):
         x_sel = saved["x_sel"] if "x_sel" in saved else saved["x"]
-        kdw.depthwise_backward_weight(dw, dy, x_sel, self.stride, channels)
+        kdw.depthwise_backward_weight(dw, dy, x_sel, self.stride, channels, saved["grad-planes"])
 
 
 class _Dense(_WeightedOp):
@@ -681,11 +686,11 @@ class Program:
                     grad[v] = new(f"grad:{val.name}", memory.TRANSIENT, val.shape, val.dtype,
                                   bwd(node.index), bwd(val.producer))
                 nb.dxs[k] = grad[v]
-            if any(dx is not None for dx in nb.dxs):
-                for key, (shape, dtype) in node.op.backward_workspace(node, shapes_of(node)).items():
+            upd = self.updates.get(node.index)
+            if any(dx is not None for dx in nb.dxs) or (upd is not None and upd.trains_weight):
+                for key, (shape, dtype) in node.op.backward_workspace(node, shapes_of(node), upd).items():
                     nb.grad_work[key] = new(f"work:{node.name}:{key}", memory.TRANSIENT, shape, dtype,
                                             bwd(node.index), bwd(node.index))
-            upd = self.updates.get(node.index)
             if upd is not None:
                 # Compact gradient, the arena's copy of the trained rows, and their momentum.
                 for part, shape in _trained_shapes(node, upd).items():

@@ -55,10 +55,12 @@ def test_plan_invariants_on_random_networks(data):
     for node, nb in zip(graph.nodes, program.nodes):
         for name in [nb.out, *nb.ins, *nb.work.values(), *nb.saved.values()]:
             assert by_name[name].alive_at(node.index), (node.name, name)
-        # the convolutions work in planned scratch, in forward and wherever an input gradient is made
+        # the convolutions work in planned scratch, in forward and wherever a gradient is made
         if node.op.kind in ("conv", "depthwise"):
+            upd = program.updates.get(node.index)
             assert "planes" in nb.work
-            assert ("grad-planes" in nb.grad_work) == any(dx is not None for dx in nb.dxs)
+            assert ("grad-planes" in nb.grad_work) == (any(dx is not None for dx in nb.dxs)
+                                                      or (upd is not None and upd.trains_weight))
         if nb.runs_backward:
             step = 2 * F - 1 - node.index
             for name in [nb.dy, *nb.saved.values(), *filter(None, nb.dxs), nb.dw, nb.db,

@@ -154,32 +154,14 @@ def scratch_for(op: str, scratch, need: int) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- inlined loop helpers
-# Index with u(i) wherever i is computed from a tap offset that may look negative to the compiler:
+# Index with u(i) wherever i is computed from an offset that may look negative to the compiler:
 # Numba wraps negative signed indices around (a select per access), which stops LLVM from
 # vectorising; an unsigned index has no wraparound. Callers guarantee 0 <= i < size.
 u = np.uintp
 
-@njit(inline="always")
-def valid_range(offset, stride, size_in, size_out):  # pragma: no cover - compiled
-    """Output positions o in [lo, hi) whose input position o*stride + offset lies in [0, size_in).
-
-    Used by every padded convolution: loops over o in this range read no padding, so they need no
-    branch inside and LLVM can vectorise them.
-    """
-    lo = 0
-    if offset < 0:
-        lo = (-offset + stride - 1) // stride
-    hi = (size_in - 1 - offset) // stride + 1 if size_in - 1 - offset >= 0 else 0
-    if hi > size_out:
-        hi = size_out
-    if hi < lo:
-        hi = lo
-    return lo, hi
-
-
 # --------------------------------------------------------------------------- phase planes
-# The forward and backward-input of the k x k convolutions. Looping per tap over the valid output
-# block (valid_range) gives loops a few elements long on the small maps of a tiny CNN (4x4 .. 16x16)
+# The k x k convolutions (forward, backward-input, backward-weight). Looping per tap over the
+# valid output block gives loops a few elements long on the small maps of a tiny CNN (4x4 .. 16x16)
 # and strided loads at stride 2, so they never reach vector width. The "phase plane" layout makes
 # every tap one long contiguous loop instead (measured 1.5-5x faster on MCUNet's shapes):
 # - the input plane is written, zero-padded, into stride x stride phase planes, phase (a, b)
@@ -187,9 +169,11 @@ def valid_range(offset, stride, size_in, size_out):  # pragma: no cover - compil
 #   phase with unit stride;
 # - outputs are computed on a "wide" grid of pitch Wq (Ho x Wq, the Wq - Wo extra columns per row
 #   are junk), where tap (kh, kw) is acc[i] += w * phase[shift + i] for every i < Ho*Wq at once;
+#   its transpose scatters a gradient back the same way, and a weight gradient is the dot product
+#   of a gradient plane (junk columns zeroed) with each tap's shifted phase;
 # - the valid Ho x Wo block is then copied out.
-# The taps are visited in the same (kh, kw) order as the per-tap loops and a padding position adds
-# w * 0, so results are the same numbers. The scratch comes from the caller (the planned arena).
+# The forward visits the taps in (kh, kw) order and a padding position adds w * 0, so a depthwise
+# output is the same number a per-tap loop gives. The scratch comes from the caller (the arena).
 @njit(inline="always")
 def phase_geometry(H, W, k, stride):  # pragma: no cover - compiled
     """(Wq, L): the pitch of a phase plane and the length of one (the last wide row reads up to
@@ -279,6 +263,19 @@ def wide_scatter(ph, acc, w, o, ci, stride, Wq, L, count):  # pragma: no cover -
             base, wv = tap_shift(kh, kw, stride, Wq, L), w[o, ci, kh, kw]
             for i in range(count):
                 ph[u(base + i)] += wv * acc[u(i)]
+
+
+@njit(inline="always")
+def wide_correlate(dw, j, ci, acc, ph, stride, Wq, L, count):  # pragma: no cover - compiled
+    """dw[j, ci, kh, kw] += sum over i < count of acc[i] * (tap (kh, kw)'s phase, shifted)[i]: the
+    weight gradient of one (output gradient, input) plane pair. acc's junk columns must be zero."""
+    k = dw.shape[2]
+    for kh in range(k):
+        for kw in range(k):
+            base, total = tap_shift(kh, kw, stride, Wq, L), np.float32(0.0)
+            for i in range(count):
+                total += acc[u(i)] * ph[u(base + i)]
+            dw[j, ci, kh, kw] += total
 
 
 @njit(inline="always")

@@ -10,12 +10,12 @@ Ho = (H + 2p - k) // stride + 1 with p = (k - 1) // 2.
 """
 from __future__ import annotations
 
-import numpy as np
+from numba import njit
 
 from ._jit import (
     array, f32_1, f32_1r, f32_4, f32_4r, fail, from_phases, from_wide, i64, i64_1r, indices,
     int_at_least, kernel, odd_square_kernel, out_size, phase_geometry, phase_scratch_size,
-    scratch_for, shape_is, stride_ok, to_phases, to_wide, u, valid_range, void, wide_gather,
+    scratch_for, shape_is, stride_ok, to_phases, to_wide, void, wide_correlate, wide_gather,
     wide_scatter,
 )
 
@@ -118,46 +118,52 @@ def conv2d_backward_input_scratch_size(x_shape, k: int, stride: int) -> int:
 
 
 # --------------------------------------------------------------------------- backward weight
-@kernel(void(f32_4, f32_4r, f32_4r, i64, i64, i64_1r), reassoc=True,
+@njit(inline="always")
+def _selects_group(channels, g, Og):  # pragma: no cover - compiled
+    """Whether any of ``channels`` lies in group ``g`` (of ``Og`` output channels)."""
+    for j in range(channels.shape[0]):
+        if channels[j] // Og == g:
+            return True
+    return False
+
+
+@kernel(void(f32_4, f32_4r, f32_4r, i64, i64, i64_1r, f32_1), reassoc=True,
         why="each dw entry is a long dot product; vector lanes need the sum reordered")
-def _conv2d_backward_weight(dw, dy, x, stride, groups, channels):  # pragma: no cover - compiled
+def _conv2d_backward_weight(dw, dy, x, stride, groups, channels, scratch):  # pragma: no cover - compiled
     N, I, H, W = x.shape
-    O, Ho, Wo = dy.shape[1], dy.shape[2], dy.shape[3]
-    Ig, k = dw.shape[1], dw.shape[2]
+    O, Ig, k = dy.shape[1], dw.shape[1], dw.shape[2]
     Og = O // groups
     p = (k - 1) // 2
-    # only the selected output channels: each dw entry is the correlation of one output
-    # gradient plane with one shifted input plane, a dot product along rows
-    for j in range(channels.shape[0]):
-        o = channels[j]
-        c0 = (o // Og) * Ig
-        for ci in range(Ig):
-            c = c0 + ci
-            for kh in range(k):
-                oh0, oh1 = valid_range(kh - p, stride, H, Ho)
-                for kw in range(k):
-                    ow0, ow1 = valid_range(kw - p, stride, W, Wo)
-                    acc = np.float32(0.0)
-                    for n in range(N):
-                        if stride == 1:
-                            for oh in range(oh0, oh1):
-                                ih = u(oh + kh - p)
-                                for ow in range(ow0, ow1):
-                                    acc += dy[n, o, u(oh), u(ow)] * x[n, c, ih, u(ow + kw - p)]
-                        else:
-                            for oh in range(oh0, oh1):
-                                ih = u(2 * oh + kh - p)
-                                for ow in range(ow0, ow1):
-                                    acc += dy[n, o, u(oh), u(ow)] * x[n, c, ih, u(2 * ow + kw - p)]
-                    dw[j, ci, kh, kw] = acc
+    Wq, L = phase_geometry(H, W, k, stride)
+    S = stride * stride * L
+    count = dy.shape[2] * Wq
+    acc = scratch[Ig * S:Ig * S + count]
+    scratch[:Ig * S] = 0.0
+    dw[:] = 0.0
+    # only the selected output channels: each dw entry is the correlation of one output gradient
+    # plane with one input plane, a dot product over the wide grid per tap
+    for n in range(N):
+        for g in range(groups):
+            if not _selects_group(channels, g, Og):
+                continue
+            for ci in range(Ig):
+                to_phases(scratch[ci * S:(ci + 1) * S], x, n, g * Ig + ci, p, stride, Wq, L)
+            for j in range(channels.shape[0]):
+                o = channels[j]
+                if o // Og != g:
+                    continue
+                to_wide(acc, dy, n, o, Wq)
+                for ci in range(Ig):
+                    wide_correlate(dw, j, ci, acc, scratch[ci * S:(ci + 1) * S], stride, Wq, L, count)
 
 
-def conv2d_backward_weight(dw, dy, x, stride, groups, channels):
+def conv2d_backward_weight(dw, dy, x, stride, groups, channels, scratch=None):
     """Rows of dL/dw for the output channels ``channels`` only (no work for the others).
     OVERWRITES dw.
 
     dw (len(channels), I/groups, k, k): dw[j] is the gradient of w[channels[j]];
-    dy (N, O, Ho, Wo); x (N, I, H, W); channels int64 (J,), distinct, any order, J may be 0.
+    dy (N, O, Ho, Wo); x (N, I, H, W); channels int64 (J,), distinct, any order, J may be 0;
+    scratch as for conv2d_forward.
     """
     op = "conv2d_backward_weight"
     array(op, "dw", dw, 4, writable=True)
@@ -176,7 +182,8 @@ def conv2d_backward_weight(dw, dy, x, stride, groups, channels):
     shape_is(op, "dy", dy, (N, O, out_size(H, k, stride), out_size(W, k, stride)))
     if J == 0:
         return
-    _conv2d_backward_weight(dw, dy, x, stride, groups, channels)
+    need = phase_scratch_size(H, W, k, stride, planes=I // groups)
+    _conv2d_backward_weight(dw, dy, x, stride, groups, channels, scratch_for(op, scratch, need))
 
 
 # --------------------------------------------------------------------------- checks

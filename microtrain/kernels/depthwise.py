@@ -8,12 +8,10 @@ Ho = (H + 2p - k) // stride + 1 with p = (k - 1) // 2.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ._jit import (
     array, f32_1, f32_1r, f32_4, f32_4r, fail, from_phases, from_wide, i64, i64_1r, indices, kernel,
     odd_square_kernel, out_size, phase_geometry, phase_scratch_size, scratch_for, shape_is, stride_ok,
-    to_phases, to_wide, u, valid_range, void, wide_gather, wide_scatter,
+    to_phases, to_wide, void, wide_correlate, wide_gather, wide_scatter,
 )
 
 __all__ = ["depthwise_forward", "depthwise_backward_input", "depthwise_backward_weight", "depthwise_scratch_size"]
@@ -99,42 +97,34 @@ def depthwise_backward_input(dx, dy, w, stride, scratch=None):
 
 
 # --------------------------------------------------------------------------- backward weight
-@kernel(void(f32_4, f32_4r, f32_4r, i64, i64_1r), reassoc=True,
+@kernel(void(f32_4, f32_4r, f32_4r, i64, i64_1r, f32_1), reassoc=True,
         why="each dw entry is a dot product over the plane; vector lanes need the sum reordered")
-def _depthwise_backward_weight(dw, dy, x_sel, stride, channels):  # pragma: no cover - compiled
+def _depthwise_backward_weight(dw, dy, x_sel, stride, channels, scratch):  # pragma: no cover - compiled
     N, J, H, W = x_sel.shape
-    Ho, Wo = dy.shape[2], dy.shape[3]
     k = dw.shape[2]
     p = (k - 1) // 2
-    # only the selected channels: dw[j] correlates dy[:, channels[j]] with x_sel[:, j], one
-    # dot product along rows per tap
+    Wq, L = phase_geometry(H, W, k, stride)
+    S = stride * stride * L
+    count = dy.shape[2] * Wq
+    ph, acc = scratch[:S], scratch[S:S + count]
+    ph[:] = 0.0
+    dw[:] = 0.0
+    # only the selected channels: dw[j] correlates dy[:, channels[j]] with x_sel[:, j], one dot
+    # product over the wide grid per tap
     for j in range(J):
-        c = channels[j]
-        for kh in range(k):
-            oh0, oh1 = valid_range(kh - p, stride, H, Ho)
-            for kw in range(k):
-                ow0, ow1 = valid_range(kw - p, stride, W, Wo)
-                acc = np.float32(0.0)
-                for n in range(N):
-                    if stride == 1:
-                        for oh in range(oh0, oh1):
-                            ih = u(oh + kh - p)
-                            for ow in range(ow0, ow1):
-                                acc += dy[n, c, u(oh), u(ow)] * x_sel[n, j, ih, u(ow + kw - p)]
-                    else:
-                        for oh in range(oh0, oh1):
-                            ih = u(2 * oh + kh - p)
-                            for ow in range(ow0, ow1):
-                                acc += dy[n, c, u(oh), u(ow)] * x_sel[n, j, ih, u(2 * ow + kw - p)]
-                dw[j, 0, kh, kw] = acc
+        for n in range(N):
+            to_phases(ph, x_sel, n, j, p, stride, Wq, L)
+            to_wide(acc, dy, n, channels[j], Wq)
+            wide_correlate(dw, j, 0, acc, ph, stride, Wq, L, count)
 
 
-def depthwise_backward_weight(dw, dy, x_sel, stride, channels):
+def depthwise_backward_weight(dw, dy, x_sel, stride, channels, scratch=None):
     """Rows of dL/dw for the channels ``channels`` only. OVERWRITES dw.
 
     dw (J, 1, k, k): dw[j] is the gradient of w[channels[j]]; dy (N, C, Ho, Wo) holds every
     channel; x_sel (N, J, H, W) holds ONLY the selected input channels, x_sel[:, j] being
-    channel channels[j]; channels int64 (J,), distinct, any order, J may be 0.
+    channel channels[j]; channels int64 (J,), distinct, any order, J may be 0; scratch as for
+    depthwise_forward.
     """
     op = "depthwise_backward_weight"
     array(op, "dw", dw, 4, writable=True)
@@ -151,7 +141,8 @@ def depthwise_backward_weight(dw, dy, x_sel, stride, channels):
     shape_is(op, "dy", dy, (N, C, out_size(H, k, stride), out_size(W, k, stride)))
     if J == 0:
         return
-    _depthwise_backward_weight(dw, dy, x_sel, stride, channels)
+    need = phase_scratch_size(H, W, k, stride)
+    _depthwise_backward_weight(dw, dy, x_sel, stride, channels, scratch_for(op, scratch, need))
 
 
 def _check_w(op, xname, x, w):
