@@ -95,6 +95,9 @@ def test_conv2d_matches_twin(data):
     K.conv2d_backward_weight(dw, dy, x, s, groups, ch)
     close(dw, R.conv2d_backward_weight(d(dy), d(x), s, groups, ch, k),
           R.conv2d_backward_weight(abs(d(dy)), abs(d(x)), s, groups, ch, k), N * Ho * Wo)
+    junk = np.full(K.conv2d_forward_scratch_size(x.shape, k, s, groups), np.nan, np.float32)
+    K.conv2d_backward_weight(again := np.empty_like(dw), dy, x, s, groups, ch, junk)
+    assert np.array_equal(again, dw)
 
 
 # --------------------------------------------------------------------------- depthwise
@@ -133,6 +136,9 @@ def test_depthwise_matches_twin(data):
     K.depthwise_backward_weight(dw, dy, x_sel, s, ch)
     close(dw, R.depthwise_backward_weight(d(dy), d(x_sel), s, ch, k),
           R.depthwise_backward_weight(abs(d(dy)), abs(d(x_sel)), s, ch, k), N * Ho * Wo)
+    junk = np.full(K.depthwise_scratch_size(x.shape, k, s), np.nan, np.float32)
+    K.depthwise_backward_weight(again := np.empty_like(dw), dy, x_sel, s, ch, junk)
+    assert np.array_equal(again, dw)
 
 
 # --------------------------------------------------------------------------- pointwise / linear

@@ -168,6 +168,10 @@ SCRATCH_OPS = {  # the convolutions that take a scratch: arguments before it, an
                           K.depthwise_scratch_size((1, 3, 5, 5), 3, 1)),
     "depthwise_backward_input": (K.depthwise_backward_input, lambda: [e(1, 3, 5, 5), f(1, 3, 5, 5), f(3, 1, 5, 5), 1],
                                  K.depthwise_scratch_size((1, 3, 5, 5), 5, 1)),
+    "conv2d_backward_weight": (K.conv2d_backward_weight, lambda: [e(2, 1, 3, 3), f(1, 4, 4, 4), f(1, 2, 8, 8), 2, 2, I64(3, 0)],
+                               K.conv2d_forward_scratch_size((1, 2, 8, 8), 3, 2, 2)),
+    "depthwise_backward_weight": (K.depthwise_backward_weight, lambda: [e(2, 1, 3, 3), f(1, 3, 5, 5), f(1, 2, 5, 5), 1, I64(2, 0)],
+                                  K.depthwise_scratch_size((1, 2, 5, 5), 3, 1)),
 }
 
 
