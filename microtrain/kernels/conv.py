@@ -2,8 +2,8 @@
 
 groups=1 is the first layer of MCUNet / MobileNetV2 / ProxylessNAS (3 -> 16, 3x3, stride 2);
 small groups serve TinyTL's lite residual branch. Depthwise (groups = channels) has its own,
-faster file. Destinations must not overlap inputs. Forward and backward-input work in phase
-layout (see ``_jit.py``) inside a float32 scratch the caller may give (``*_scratch_size``).
+faster file. Destinations must not overlap inputs. All three kernels work in phase-plane layout
+(see ``_jit.py``) inside a float32 scratch the caller may give (``*_scratch_size``).
 
 Shapes: x (N, I, H, W), w (O, I/groups, k, k), b (O,), y (N, O, Ho, Wo),
 Ho = (H + 2p - k) // stride + 1 with p = (k - 1) // 2.
@@ -68,7 +68,8 @@ def conv2d_forward(out, x, w, b, stride, groups, scratch=None):
 
 
 def conv2d_forward_scratch_size(x_shape, k: int, stride: int, groups: int) -> int:
-    """float32 entries of scratch the forward takes: one group's input planes."""
+    """float32 entries of scratch the forward and the weight gradient take: one group's input
+    planes."""
     return phase_scratch_size(x_shape[2], x_shape[3], k, stride, planes=x_shape[1] // groups)
 
 

@@ -1,7 +1,7 @@
 """Depthwise k x k convolution (k in 3, 5, 7; stride 1 or 2; padding (k-1)//2), forward and
 backward. Each channel is convolved with its own kernel. Destinations must not overlap inputs.
-Forward and backward-input work plane by plane in phase layout (see ``_jit.py``) inside a
-float32 scratch of ``depthwise_scratch_size`` entries that the caller may give.
+All three kernels work plane by plane in phase-plane layout (see ``_jit.py``) inside a float32
+scratch of ``depthwise_scratch_size`` entries that the caller may give.
 
 Shapes: x (N, C, H, W), w (C, 1, k, k), b (C,), y (N, C, Ho, Wo),
 Ho = (H + 2p - k) // stride + 1 with p = (k - 1) // 2.
@@ -56,7 +56,7 @@ def depthwise_forward(out, x, w, b, stride, scratch=None):
 
 
 def depthwise_scratch_size(x_shape, k: int, stride: int) -> int:
-    """float32 entries of scratch the forward and backward-input kernels take (one plane)."""
+    """float32 entries of scratch each of the three kernels takes (one plane)."""
     return phase_scratch_size(x_shape[2], x_shape[3], k, stride)
 
 
