@@ -30,12 +30,15 @@ def summarize(arch: dict, arrays: dict) -> dict:
                       "weights": sum(r["weights"] for r in rows if r["kind"] == kind),
                       "macs": sum(r["macs"] for r in rows if r["kind"] == kind)} for kind in KINDS}
     classifier = arrays.get("classifier.weight")
+    lite = {k: v for k, v in arrays.items() if ".lite." in k}  # TinyTL's branches, if adapted with it
     return {
         "name": arch["name"], "resolution": arch["resolution"], "source": arch["source"],
         "blocks": len(arch["blocks"]), "residual_blocks": sum(b["residual"] for b in arch["blocks"]),
         "embedding": embedding_channels(arch),
         "classifier": None if classifier is None else {"classes": int(classifier.shape[0]),
                                                        "params": int(classifier.size + arrays["classifier.bias"].size)},
+        "lite_residual": None if not lite else {"settings": arch["lite_residual"], "branches": len(lite) // 4,
+                                                "params": int(sum(v.size for v in lite.values()))},
         "layers": rows,
         "by_kind": by_kind,
         "totals": {"convs": len(rows), "weights": sum(r["weights"] for r in rows),
@@ -61,6 +64,10 @@ def format_text(s: dict) -> str:
     lines.append(f"(plus {t['biases']:,} conv biases"
                  + (f"; classifier {s['classifier']['classes']} classes, {s['classifier']['params']:,} params, not counted)"
                     if s["classifier"] else ")"))
+    if s["lite_residual"]:
+        lite = s["lite_residual"]
+        lines.append(f"(adapted with TinyTL: {lite['branches']} lite residual branches, {lite['params']:,} params, "
+                     f"not counted above)")
     return "\n".join(lines)
 
 

@@ -314,6 +314,9 @@ def test_adapted_network_saves_and_reloads_its_branches(tmp_path):
     assert not np.allclose(plain.features(x), net.features(x))  # the branches do matter
     with pytest.raises(GraphError, match="already carries TinyTL branches"):
         plan_tinytl(back)
+    from microtrain.summary import summarize
+    lite = summarize(*load_weights(path))["lite_residual"]
+    assert lite["branches"] == len(arch["blocks"]) and lite["params"] == net.block_hook.param_count
     _, arrays = load_weights(path)
     arrays.pop("blocks.1.lite.conv.bias")
     with pytest.raises(CheckpointError, match="missing key 'blocks.1.lite.conv.bias'"):
