@@ -225,3 +225,13 @@ def test_help_documents_the_options(capsys):
     for option in ("--methods", "--domains", "--backbones", "--episodes", "--seeds", "--sampler", "--mem-budget",
                    "--mac-budget", "--epochs", "--lr", "--momentum", "--workers", "--out", "--retry-errors"):
         assert option in text
+
+
+def test_figure_labels_of_coinciding_methods_are_stacked():
+    points = [("tinytrain", 3.37e6, 76.2), ("tinytrain-l2", 3.37e6, 76.5), ("tinytrain-fisher", 3.10e6, 76.6),
+              ("tinytrain-random", 3.37e6, 76.1), ("sparseupdate", 12.3e6, 80.4), ("fulltrain", 43e6, 74.8)]
+    dy = evaluate._label_offsets(points)
+    assert dy["sparseupdate"] == dy["fulltrain"] == 0.0
+    stacked = sorted(["tinytrain", "tinytrain-l2", "tinytrain-fisher", "tinytrain-random"], key=lambda m: -dy[m])
+    assert stacked == ["tinytrain-fisher", "tinytrain-l2", "tinytrain", "tinytrain-random"]  # best on top
+    assert sum(dy[m] for m in stacked) == 0.0 and min(dy[a] - dy[b] for a, b in zip(stacked, stacked[1:])) >= 22

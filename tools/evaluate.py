@@ -791,6 +791,23 @@ def _settings_lines(settings: dict | None, records: list[dict]) -> list[str]:
     return lines
 
 
+def _label_offsets(points, close_macs: float = 0.2, close_acc: float = 1.5, step: float = 22.0) -> dict:
+    """Vertical label offsets (points) for Figure 1: methods at nearly the same backward MACs
+    (log ratio < ``close_macs``) and accuracy (< ``close_acc`` points apart) get their labels
+    stacked ``step`` apart, best accuracy on top, instead of printed over each other."""
+    offsets, cluster = {}, []
+    for m, macs, acc in sorted(points, key=lambda p: (p[1], -p[2])) + [(None, None, None)]:
+        if cluster and m is not None and abs(math.log(macs / cluster[0][1])) < close_macs \
+                and abs(acc - cluster[-1][2]) < close_acc:
+            cluster.append((m, macs, acc))
+            continue
+        ranked = sorted(cluster, key=lambda p: -p[2])
+        for rank, (name, _, _) in enumerate(ranked):
+            offsets[name] = ((len(ranked) - 1) / 2 - rank) * step if len(ranked) > 1 else 0.0
+        cluster = [(m, macs, acc)]
+    return offsets
+
+
 def write_figure(out: Path, backbone: str, s: dict) -> str | None:
     """Figure 1: average accuracy against backward MACs; returns the file name, or None (with a note)."""
     try:
@@ -814,6 +831,7 @@ def write_figure(out: Path, backbone: str, s: dict) -> str | None:
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    label_dy = _label_offsets([(m, c["backward_macs"], 100 * a) for m, c, a in points])
     ys = []
     for (m, c, a), mem in zip(points, mems):
         size = 80 + 900 * ((math.log(mem) - lo) / (hi - lo) if hi > lo else 0.5)
@@ -828,8 +846,10 @@ def write_figure(out: Path, backbone: str, s: dict) -> str | None:
         label = f"{m}\n{_mem(c['backward_bytes'])}"
         if ref and m != REFERENCE:
             label += f" ({c['backward_bytes'] / ref:.2g}× mem)"
+        dy = label_dy.get(m, 0.0)
         ax.annotate(label, (c["backward_macs"], 100 * a), textcoords="offset points",
-                    xytext=(math.sqrt(size) / 2 + 4, 0), fontsize=8, va="center")
+                    xytext=(math.sqrt(size) / 2 + 4, dy), fontsize=8, va="center",
+                    arrowprops={"arrowstyle": "-", "lw": 0.5, "color": "gray"} if dy else None)
     if BASELINE in s["average"]:
         y = 100 * s["average"][BASELINE][0]
         ys.append(y)
