@@ -533,7 +533,7 @@ class _NodeBuffers:
     ins: list[str]
     saved: dict[str, str] = field(default_factory=dict)  # what backward reads
     work: dict[str, str] = field(default_factory=dict)  # forward scratch (overlaid by saved)
-    grad_work: dict[str, str] = field(default_factory=dict)  # backward-input scratch
+    grad_work: dict[str, str] = field(default_factory=dict)  # backward scratch (input and weight gradients)
     dy: str | None = None
     dxs: list[str | None] = field(default_factory=list)
     accumulate: list[tuple[str, str]] = field(default_factory=list)  # (gradient, scratch) pairs
