@@ -1,19 +1,22 @@
 """Training methods: what each one trains, decided before fine-tuning starts.
 
-Every method returns a ``MethodPlan`` (a Selection, plus TinyTL's extra branch) that the same
-engine, planner and fine-tuning loop run, so their memory and MACs are comparable.
+Every method returns a ``MethodPlan`` (``method_plan.py``: a Selection, plus TinyTL's extra branch)
+that the same engine, planner and fine-tuning loop run, so their memory and MACs are comparable.
+This module lists them all; TinyTL's policy is in ``tinytl.py``, TinyTrain's algorithm in
+``tinytrain.py``.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import tinytrain
 from .data import augment, to_input
+from .method_plan import Budgets, MethodPlan
 from .model import Network
 from .selection import LayerUpdate, Selection
+from .tinytl import plan_tinytl
 from .train import class_prototypes, embed
 
 METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytl", "tinytrain",
@@ -39,28 +42,6 @@ SPARSE_UPDATE = {
 }
 
 
-@dataclass
-class Budgets:
-    memory: int  # bytes of backward memory
-    macs: int  # backward MACs
-
-
-@dataclass
-class MethodPlan:
-    method: str
-    selection: Selection
-    block_hook: object = None  # graph rewrite of each block (TinyTL)
-    choices: list = field(default_factory=list)  # (layer, channels kept, out channels, score)
-    seconds: float = 0.0  # time spent deciding (Fisher + selection for TinyTrain)
-    momentum: float | None = None  # overrides the fine-tuning momentum (SparseUpdate: plain SGD)
-    lr: float = 0.0  # the method's default learning rate, used when the user gives none
-    info: dict = field(default_factory=dict)
-
-    @property
-    def trains(self) -> bool:
-        return len(self.selection) > 0
-
-
 def plan_method(method: str, net: Network, support: np.ndarray, labels: np.ndarray, budgets: Budgets,
                 scale: float, momentum: bool, seed: int = 0, embeddings: np.ndarray | None = None) -> MethodPlan:
     """Decide what ``method`` trains on this support set (uint8 images, int64 labels).
@@ -76,8 +57,6 @@ def plan_method(method: str, net: Network, support: np.ndarray, labels: np.ndarr
     elif method == "sparseupdate":
         plan = plan_sparse_update(net)
     elif method == "tinytl":
-        from .tinytl import plan_tinytl
-
         plan = plan_tinytl(net, seed)
     elif method.startswith("tinytrain"):
         variant = method.partition("-")[2]

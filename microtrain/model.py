@@ -1,93 +1,20 @@
-"""MBConv networks (MCUNet, MobileNetV2, ProxylessNAS) built from an architecture description.
+"""MBConv networks (MCUNet, MobileNetV2, ProxylessNAS): parameters, graph builders, inference.
 
-The architecture is the JSON stored in a weight file (``weights/README.md``)::
-
-    {"name", "resolution", "in_channels",
-     "first_conv": {"out", "kernel", "stride"},
-     "blocks": [{"expand": hidden or null, "kernel", "stride", "out", "residual"}, ...],
-     "feature_mix": null or {"out"}}
-
-Layer names are stable and are what a user puts in a selection: ``first_conv``,
-``blocks.{b}.expand``, ``blocks.{b}.depthwise``, ``blocks.{b}.project``, ``feature_mix``.
-ReLU6 follows ``first_conv``, every ``expand``, every ``depthwise`` and ``feature_mix``; nothing
-follows ``project`` or the residual add. The conv index (0 = first_conv, then in order) is the
-convention of the SparseUpdate configurations.
+A ``Network`` is an architecture dict (``architecture.py``: layer specs, names, shapes, counts)
+plus float32 arrays by layer name, as stored in a weight file (``weight_format.py``,
+``weights/README.md``); TinyTL's lite residual branches (``lite_residual.py``) are part of a
+network that method adapted.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .autograd import Graph, Value
-
-
-@dataclass(frozen=True)
-class ConvLayer:
-    """One convolution of the network, with its shapes and costs at the model resolution."""
-
-    index: int  # conv index: 0 = first_conv, then in execution order
-    name: str
-    kind: str  # 'conv' (full, k x k), 'pointwise' (1x1) or 'depthwise'
-    in_channels: int
-    out_channels: int
-    kernel: int
-    stride: int
-    in_size: int  # square input map side
-    out_size: int
-    relu6: bool  # a ReLU6 follows
-
-    @property
-    def groups(self) -> int:
-        return self.in_channels if self.kind == "depthwise" else 1
-
-    @property
-    def weight_shape(self) -> tuple[int, int, int, int]:
-        return (self.out_channels, self.in_channels // self.groups, self.kernel, self.kernel)
-
-    @property
-    def weight_count(self) -> int:
-        return int(np.prod(self.weight_shape))
-
-    @property
-    def weights_per_channel(self) -> int:
-        """Weights of one output channel (one row of the weight tensor)."""
-        return self.weight_count // self.out_channels
-
-    @property
-    def macs(self) -> int:
-        """Multiply-accumulates of the forward pass at batch 1."""
-        return self.weight_count * self.out_size * self.out_size
-
-
-def conv_out_size(size: int, kernel: int, stride: int) -> int:
-    pad = (kernel - 1) // 2
-    return (size + 2 * pad - kernel) // stride + 1
-
-
-def layer_specs(arch: dict) -> list[ConvLayer]:
-    """Every conv layer of an architecture, in execution order."""
-    layers: list[ConvLayer] = []
-
-    def add(name, kind, cin, cout, kernel, stride, size, relu6):
-        out = conv_out_size(size, kernel, stride)
-        layers.append(ConvLayer(len(layers), name, kind, cin, cout, kernel, stride, size, out, relu6))
-        return cout, out
-
-    fc = arch["first_conv"]
-    channels, size = add("first_conv", "conv", arch.get("in_channels", 3), fc["out"], fc["kernel"],
-                         fc["stride"], arch["resolution"], True)
-    for b, block in enumerate(arch["blocks"]):
-        hidden = channels
-        if block.get("expand"):
-            hidden, size = add(f"blocks.{b}.expand", "pointwise", channels, block["expand"], 1, 1, size, True)
-        hidden, size = add(f"blocks.{b}.depthwise", "depthwise", hidden, hidden, block["kernel"],
-                           block["stride"], size, True)
-        channels, size = add(f"blocks.{b}.project", "pointwise", hidden, block["out"], 1, 1, size, False)
-    if arch.get("feature_mix"):
-        add("feature_mix", "pointwise", channels, arch["feature_mix"]["out"], 1, 1, size, True)
-    return layers
+from .architecture import ConvLayer, arch_specs, layer_specs
+from .autograd import Executor, Graph, Value
+from .lite_residual import LiteResidualHook
+from .weight_format import load_weights, save_weights
 
 
 class Network:
@@ -109,8 +36,6 @@ class Network:
         # TinyTL's lite residual branches, part of a network that method adapted (None otherwise)
         self.block_hook = None
         if arch.get("lite_residual") is not None:
-            from .tinytl import LiteResidualHook, arch_specs
-
             settings = arch["lite_residual"]
             self.block_hook = LiteResidualHook(arch_specs(arch, **settings), settings=settings, arrays=arrays)
 
@@ -192,8 +117,6 @@ class Network:
         """Pooled embeddings (N, C) of images (N, 3, R, R) float32 in [-1, 1]. One forward-only
         executor per batch size (and block hook) is planned once and reused; a short last
         chunk is padded."""
-        from .autograd import Executor
-
         x = np.asarray(x)
         if x.ndim != 4 or x.shape[1:] != (3, self.resolution, self.resolution) or x.dtype != np.float32:
             raise ValueError(f"{self.name}.features takes float32 (N, 3, {self.resolution}, "
@@ -229,13 +152,9 @@ class Network:
 
 def load(path: str | Path) -> Network:
     """A network from a microtrain weight file (see ``weights/README.md``)."""
-    from .checkpoint import load_weights
-
     arch, arrays = load_weights(path)
     return Network(arch, arrays)
 
 
 def save(net: Network, path: str | Path) -> None:
-    from .checkpoint import save_weights
-
     save_weights(path, net.arch, net.state())

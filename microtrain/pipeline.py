@@ -12,9 +12,9 @@ from typing import Callable
 import numpy as np
 
 from .autograd import Program
+from .lite_residual import LiteResidualHook
 from .methods import Budgets, plan_method
 from .model import Network
-from .tinytl import LiteResidualHook
 from .tinytrain import backward_macs
 from .train import FinetuneConfig, embed, finetune, prototype_accuracy
 

@@ -2,7 +2,7 @@
 
     python -m microtrain.summary WEIGHTS [--json]
 
-Counts come from ``model.layer_specs`` (the layers the engine builds) at the file's resolution:
+Counts come from ``architecture.layer_specs`` (the layers the engine builds) at the file's resolution:
 conv weights exclude biases and the ImageNet classifier, MACs are the forward pass at batch 1,
 as in ../shared/checkpoints/README.md. A bad file: one line on stderr, exit status 2.
 """
@@ -12,8 +12,9 @@ import argparse
 import json
 import sys
 
-from microtrain.checkpoint import CheckpointError, embedding_channels, load_weights
-from microtrain.model import layer_specs
+from .architecture import embedding_channels, layer_specs
+from .checks import CheckpointError
+from .weight_format import load_weights
 
 KINDS = ("conv", "pointwise", "depthwise")
 PROG = "python -m microtrain.summary"

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .architecture import ConvLayer
 from .autograd import Executor, Graph, Program
-from .model import ConvLayer, Network
+from .model import Network
 from .selection import LayerUpdate, Selection
 
 

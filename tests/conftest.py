@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from microtrain.model import Network, layer_specs
+from microtrain.architecture import layer_specs
+from microtrain.model import Network
 from microtrain.paths import shared_dir
 
 

@@ -20,9 +20,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from microtrain import checkpoint as ck
+from microtrain import torch_archive as ta
+from microtrain import weight_format
+from microtrain.architecture import embedding_channels, weight_shapes
 from microtrain.checkpoint import (CheckpointError, ensure_converted, load_weights, read_checkpoint,
-                                   save_weights, weight_shapes)
+                                   save_weights)
 from microtrain.paths import MissingSharedError, shared_dir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -95,7 +97,7 @@ def int8_dict():
     """The int8 fixture's dict, rebuilt through the restricted reader's own unpickler."""
     with zipfile.ZipFile(FIX / "tiny_int8.pt") as zf:
         name = next(n for n in zf.namelist() if n.endswith("/data.pkl"))
-        return ck._materialize(ck.RestrictedUnpickler(zf.read(name)).load())
+        return ta._materialize(ta.RestrictedUnpickler(zf.read(name)).load())
 
 
 def write_int8(path: Path, d) -> Path:
@@ -187,23 +189,23 @@ def test_numpy1_and_numpy2_spellings_and_any_archive_folder(tmp_path):
 
 def test_torch_storages_with_views_offsets_and_big_endian():
     # a storage shared by two tensors, one a strided view at an offset
-    storage = ck._Storage(np.arange(12, dtype="<f4"), "f4")
-    full = ck._rebuild_tensor_v2(storage, 0, (3, 4), (4, 1))
-    view = ck._rebuild_tensor_v2(storage, 1, (2, 2), (4, 2))
+    storage = ta._Storage(np.arange(12, dtype="<f4"), "f4")
+    full = ta._rebuild_tensor_v2(storage, 0, (3, 4), (4, 1))
+    view = ta._rebuild_tensor_v2(storage, 1, (2, 2), (4, 2))
     np.testing.assert_array_equal(full, np.arange(12).reshape(3, 4))
     np.testing.assert_array_equal(view, [[1, 3], [5, 7]])
     with pytest.raises(CheckpointError, match="runs past its storage"):
-        ck._rebuild_tensor_v2(storage, 4, (3, 4), (4, 1))
-    pid = ("storage", ck._Global("torch.FloatStorage", dtype="f4"), "0", "cpu", 3)
+        ta._rebuild_tensor_v2(storage, 4, (3, 4), (4, 1))
+    pid = ("storage", ta._Global("torch.FloatStorage", dtype="f4"), "0", "cpu", 3)
     for order, code in (("big", ">f4"), ("little", "<f4")):
-        un = ck.RestrictedUnpickler(b"", lambda key: np.array([1, 2, 3], code).tobytes(), order)
+        un = ta.RestrictedUnpickler(b"", lambda key: np.array([1, 2, 3], code).tobytes(), order)
         np.testing.assert_array_equal(un.persistent_load(pid).array, [1, 2, 3])
-    un = ck.RestrictedUnpickler(b"", lambda key: b"\0" * 8)
+    un = ta.RestrictedUnpickler(b"", lambda key: b"\0" * 8)
     with pytest.raises(CheckpointError, match="holds 8 bytes, expected 3 x 4"):
         un.persistent_load(pid)
-    bf16 = ("storage", ck._Global("torch.BFloat16Storage", dtype="bf16"), "0", "cpu", 2)
+    bf16 = ("storage", ta._Global("torch.BFloat16Storage", dtype="bf16"), "0", "cpu", 2)
     raw = (np.array([1.5, -2.0], np.float32).view(np.uint32) >> 16).astype("<u2").tobytes()
-    np.testing.assert_array_equal(ck.RestrictedUnpickler(b"", lambda key: raw).persistent_load(bf16).array, [1.5, -2.0])
+    np.testing.assert_array_equal(ta.RestrictedUnpickler(b"", lambda key: raw).persistent_load(bf16).array, [1.5, -2.0])
 
 
 # ----------------------------------------------------------------------------- float state_dicts
@@ -465,7 +467,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def broken(f, **payload):
         f.write(b"PK partial")
         raise OSError("disk full")
-    monkeypatch.setattr(ck.np, "savez", broken)
+    monkeypatch.setattr(weight_format.np, "savez", broken)
     with pytest.raises(OSError, match="disk full"):
         save_weights(path, arch, arrays)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["w.npz"]
@@ -520,7 +522,7 @@ def test_shared_checkpoints_match_the_readme(name):
     assert len(conv_keys) == convs
     assert sum(arrays[k].size for k in conv_keys) == weights
     assert len(arch["blocks"]) == n_blocks and sum(b["residual"] for b in arch["blocks"]) == n_residual
-    assert ck.embedding_channels(arch) == embedding and arrays["classifier.weight"].shape == (1000, embedding)
+    assert embedding_channels(arch) == embedding and arrays["classifier.weight"].shape == (1000, embedding)
     assert arch["resolution"] == 128 and arch["in_channels"] == 3 and arch["feature_mix"] is None
     assert arch["source"]["kind"] == "int8-dict" and arch["name"] == name
     assert arch["blocks"][0]["expand"] is None

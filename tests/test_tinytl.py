@@ -11,8 +11,9 @@ from microtrain.model import Network
 from microtrain.optim import SGD
 from microtrain.selection import LayerUpdate, Selection
 from microtrain.tinytrain import backward_macs
-from microtrain.tinytl import (LiteResidualHook, largest_group_count, lite_spec, make_divisible,
-                               plan_tinytl)
+from microtrain.architecture import largest_group_count, lite_spec, make_divisible
+from microtrain.lite_residual import LiteResidualHook
+from microtrain.tinytl import plan_tinytl
 
 from conftest import need_shared, random_arrays, small_arch, small_net
 

@@ -1,0 +1,164 @@
+"""microtrain's own weight format: an uncompressed ``.npz`` of float32 arrays named by layer, the
+architecture as JSON and a format version (``weights/README.md``).
+
+It loads with ``allow_pickle=False``; every array and the architecture are validated on load and
+before a save (``CheckpointError``, one line); a save is atomic (temp file, then rename).
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import zipfile
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from .architecture import embedding_channels, weight_shapes
+from .checks import CheckpointError, check_keys, expect_shape, odd_kernel, pos_int, raise_keys
+
+FORMAT_VERSION = 1
+
+_ARCH_KEYS = ("name", "resolution", "in_channels", "first_conv", "blocks", "feature_mix", "source")
+_BLOCK_KEYS = ("expand", "kernel", "stride", "out", "residual")
+_SOURCE_KINDS = ("int8-dict", "torch-state-dict")
+
+
+def validate_arch(arch) -> None:
+    """Raise ``CheckpointError`` unless ``arch`` is a well-formed architecture dict."""
+    check_keys(arch, _ARCH_KEYS, ("lite_residual",), "arch")
+    if not isinstance(arch["name"], str) or not arch["name"]:
+        raise CheckpointError("'arch.name' must be a non-empty string")
+    pos_int(arch["resolution"], "arch.resolution")
+    pos_int(arch["in_channels"], "arch.in_channels")
+    fc = arch["first_conv"]
+    check_keys(fc, ("out", "kernel", "stride"), (), "arch.first_conv")
+    c = pos_int(fc["out"], "arch.first_conv.out")
+    odd_kernel(fc["kernel"], "arch.first_conv.kernel")
+    pos_int(fc["stride"], "arch.first_conv.stride")
+    if not isinstance(arch["blocks"], list) or not arch["blocks"]:
+        raise CheckpointError("'arch.blocks' must be a non-empty list")
+    for i, b in enumerate(arch["blocks"]):
+        where = f"arch.blocks.{i}"
+        check_keys(b, _BLOCK_KEYS, (), where)
+        if b["expand"] is not None:
+            pos_int(b["expand"], f"{where}.expand")
+        odd_kernel(b["kernel"], f"{where}.kernel")
+        stride = pos_int(b["stride"], f"{where}.stride")
+        out = pos_int(b["out"], f"{where}.out")
+        if not isinstance(b["residual"], bool):
+            raise CheckpointError(f"'{where}.residual' must be true or false")
+        if b["residual"] and (stride != 1 or out != c):
+            raise CheckpointError(f"{where}: a residual block needs stride 1 and in == out channels "
+                                  f"(stride {stride}, {c} -> {out})")
+        c = out
+    if arch["feature_mix"] is not None:
+        check_keys(arch["feature_mix"], ("out",), (), "arch.feature_mix")
+        pos_int(arch["feature_mix"]["out"], "arch.feature_mix.out")
+    src = arch["source"]
+    check_keys(src, ("file", "sha256", "kind"), (), "arch.source")
+    if not isinstance(src["file"], str) or not isinstance(src["sha256"], str) or src["kind"] not in _SOURCE_KINDS:
+        raise CheckpointError(f"'arch.source' must name a file, its sha256 and a kind in {_SOURCE_KINDS}")
+    lite = arch.get("lite_residual")
+    if lite is not None:  # TinyTL's branches, saved with a network adapted by that method
+        check_keys(lite, ("downsample", "expand", "groups", "max_kernel"), (), "arch.lite_residual")
+        for key in ("downsample", "groups"):
+            pos_int(lite[key], f"arch.lite_residual.{key}")
+        odd_kernel(lite["max_kernel"], "arch.lite_residual.max_kernel")
+        if type(lite["expand"]) not in (int, float) or not 0 < lite["expand"] <= 16:
+            raise CheckpointError("'arch.lite_residual.expand' must be a number in (0, 16]")
+
+
+
+def check_arrays(arch: Mapping, arrays: Mapping[str, np.ndarray]) -> None:
+    """Raise ``CheckpointError`` unless ``arrays`` holds exactly the finite float32 arrays
+    ``arch`` implies (plus, optionally, ``classifier.weight (classes, C)`` and ``.bias``)."""
+    validate_arch(arch)
+    shapes = weight_shapes(arch)
+    optional = ("classifier.weight", "classifier.bias")
+    raise_keys([k for k in shapes if k not in arrays],
+                [k for k in arrays if k not in shapes and k not in optional])
+    if ("classifier.weight" in arrays) != ("classifier.bias" in arrays):
+        raise CheckpointError("'classifier.weight' and 'classifier.bias' come as a pair")
+    for name, arr in arrays.items():
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.float32:
+            raise CheckpointError(f"'{name}' must be a float32 array, got {getattr(arr, 'dtype', type(arr).__name__)}")
+    if "classifier.weight" in arrays:
+        classes = arrays["classifier.weight"].shape[0] if arrays["classifier.weight"].ndim else 0
+        shapes = {**shapes, "classifier.weight": (classes, embedding_channels(arch)),
+                  "classifier.bias": (classes,)}
+    for name, shape in shapes.items():
+        arr = arrays[name]
+        expect_shape(arr, shape, name)
+        if not np.isfinite(arr).all():
+            raise CheckpointError(f"'{name}' holds non-finite values")
+
+
+
+def save_weights(path, arch: Mapping, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Validate and write the weight file atomically (temp file in the same folder, then
+    ``os.replace``): the path holds either its previous content or the complete new file."""
+    arch = dict(arch)
+    check_arrays(arch, arrays)
+    path = Path(path)
+    payload = {name: arrays[name] for name in arrays}
+    payload["__arch__"] = np.array(json.dumps(arch))
+    payload["__format_version__"] = np.array(FORMAT_VERSION)
+    # an exclusive open (not mkstemp) so the file gets the usual umask permissions, not 0600
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, **payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_weights(path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(arch, arrays)`` from a weight file written by ``save_weights``, fully validated."""
+    path = Path(path)
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise CheckpointError(f"{path}: a single .npy array, not a microtrain weight file (.npz)")
+        with npz:
+            contents = {name: npz[name] for name in npz.files}
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"{path}: not a microtrain weight file ({exc})") from None
+    try:
+        version = contents.pop("__format_version__", None)
+        if version is None or version.ndim != 0 or version.dtype.kind not in "iu":
+            raise CheckpointError("no __format_version__: not a microtrain weight file")
+        if int(version) != FORMAT_VERSION:
+            raise CheckpointError(f"weight format version {int(version)}, this microtrain reads {FORMAT_VERSION}; "
+                                  "re-convert with tools/convert_ckpt.py")
+        text = contents.pop("__arch__", None)
+        if text is None or text.ndim != 0 or text.dtype.kind != "U":
+            raise CheckpointError("no __arch__ string")
+        try:
+            arch = json.loads(str(text))
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"__arch__ is not valid JSON ({exc})") from None
+        check_arrays(arch, contents)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+    return arch, contents
+
+
+def stored_stamp(path: Path):
+    """(format version, source sha256) of a converted file, or None when it cannot be read."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return int(npz["__format_version__"]), json.loads(str(npz["__arch__"]))["source"]["sha256"]
+    except Exception:  # noqa: BLE001 - any unreadable file just means "convert again"
+        return None
+
