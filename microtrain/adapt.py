@@ -22,6 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
+from . import model
+from .checkpoint import CheckpointError, ensure_converted
+from .data import DataError, open_dataset
+from .episodes import EpisodeImages, from_folders, sample_episode, sample_metadataset_episode
+from .methods import METHODS, Budgets
+from .paths import MissingSharedError, shared_file
+from .pipeline import adapt_episode
+from .tinytrain import BudgetError
+from .train import FinetuneConfig, TrainingDiverged
+from .weight_format import save_weights
+
 DEFAULT_MODEL = "mcunet-5fps"
 DEFAULT_DATA = "traffic_sign.zip"
 
@@ -52,9 +63,6 @@ def parse_macs(text: str, forward_macs: int) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
-    from .train import FinetuneConfig
-
     d = FinetuneConfig()
     p = argparse.ArgumentParser(
         prog="python -m microtrain.adapt",
@@ -101,9 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_model(spec: str):
-    from . import model
-    from .checkpoint import ensure_converted
-
     path = Path(spec)
     if path.suffix == ".npz":
         if not path.is_file():
@@ -113,9 +118,6 @@ def _resolve_model(spec: str):
 
 
 def _load_episode(args, resolution: int):
-    from .data import EpisodeImages, from_folders, open_dataset, sample_episode, sample_metadataset_episode
-    from .paths import shared_file
-
     if args.support or args.query:
         if not (args.support and args.query):
             raise UsageError("--support and --query go together")
@@ -166,11 +168,6 @@ def peak_rss_mb() -> float:
 
 
 def run(args) -> dict:
-    from .checkpoint import save_weights
-    from .methods import Budgets
-    from .pipeline import adapt_episode
-    from .train import FinetuneConfig
-
     t0 = time.perf_counter()
     net = _resolve_model(args.model)
     episode, images, source = _load_episode(args, net.resolution)
@@ -228,12 +225,6 @@ def _json(obj):
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .paths import MissingSharedError
-    from .tinytrain import BudgetError
-    from .train import TrainingDiverged
-
     try:
         run(args)
     except (UsageError, DataError, CheckpointError, MissingSharedError, BudgetError, TrainingDiverged) as exc:

@@ -8,7 +8,8 @@ an npz row index) without decoding anything; ``Dataset.load(item, R)`` decodes o
 returns it as ``uint8 (3, R, R)``. Keep images uint8 and convert a batch at a time with
 :func:`to_input` (float32 in [-1, 1], the backbones' input convention).
 
-Episode sampling lives in :mod:`microtrain.episodes`; its public names are re-exported here.
+Episode sampling lives one layer up, in :mod:`microtrain.episodes`, which reads datasets through
+this module (never the other way round).
 """
 from __future__ import annotations
 
@@ -35,12 +36,6 @@ __all__ = [
     "resize",
     "to_input",
     "augment",
-    # re-exported from microtrain.episodes
-    "Episode",
-    "EpisodeImages",
-    "sample_episode",
-    "sample_metadataset_episode",
-    "from_folders",
 ]
 
 IMAGE_EXTENSIONS = frozenset(
@@ -661,18 +656,3 @@ def augment(image: np.ndarray, rng: np.random.Generator, *, scale=(0.5, 1.0),
     x *= np.float32(saturation)
     x += gray
     return _to_uint8(x)
-
-
-# --------------------------------------------------------------------------------------------
-# Episode API, defined in microtrain.episodes (imported lazily to avoid an import cycle)
-# --------------------------------------------------------------------------------------------
-
-_EPISODE_NAMES = {"Episode", "EpisodeImages", "sample_episode", "sample_metadataset_episode",
-                  "from_folders"}
-
-
-def __getattr__(name: str):
-    if name in _EPISODE_NAMES:
-        from . import episodes
-        return getattr(episodes, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

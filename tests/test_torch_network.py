@@ -36,7 +36,8 @@ from torch_mbconv import build_torch_model, prototype_loss, set_trainable  # noq
 
 from microtrain.autograd import Executor  # noqa: E402
 from microtrain.checkpoint import ensure_converted, read_checkpoint  # noqa: E402
-from microtrain.data import open_dataset, sample_episode, to_input  # noqa: E402
+from microtrain.data import open_dataset, to_input  # noqa: E402
+from microtrain.episodes import sample_episode  # noqa: E402
 from microtrain.model import Network, load  # noqa: E402
 from microtrain.optim import SGD  # noqa: E402
 from microtrain.paths import shared_dir  # noqa: E402

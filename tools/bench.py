@@ -353,7 +353,8 @@ def default_task(name: str):
     from microtrain import model as mt_model
     from microtrain.adapt import DEFAULT_DATA, build_parser as adapt_parser, parse_bytes, parse_macs
     from microtrain.checkpoint import ensure_converted
-    from microtrain.data import EpisodeImages, open_dataset, sample_episode
+    from microtrain.data import open_dataset
+    from microtrain.episodes import EpisodeImages, sample_episode
     from microtrain.methods import Budgets
     from microtrain.paths import shared_file
     from microtrain.train import FinetuneConfig
@@ -764,7 +765,7 @@ def _spawn(cmd, env, log_path):
     return proc.returncode, wall, usage.ru_maxrss / 1024, other.cores(exclude=(proc.pid,))
 
 
-_LOAD_EPISODE = ("from microtrain.data import EpisodeImages, open_dataset, sample_episode\n"
+_LOAD_EPISODE = ("from microtrain.data import open_dataset\nfrom microtrain.episodes import EpisodeImages, sample_episode\n"
                  "from microtrain.paths import shared_file\n"
                  "ep = sample_episode(open_dataset(shared_file('data', 'traffic_sign.zip')), 10, 5, 10, 0)\n"
                  "images = EpisodeImages(ep, 128)\n")

@@ -309,7 +309,7 @@ def _plain(obj):
 
 
 def draw_episode(dataset, task: dict):
-    from microtrain.data import sample_episode, sample_metadataset_episode
+    from microtrain.episodes import sample_episode, sample_metadataset_episode
 
     s = task["settings"]
     if s["sampler"] == "metadataset":
@@ -324,7 +324,8 @@ def run_task(task: dict) -> dict:
     record = {k: task[k] for k in ("backbone", "domain", "seed", "method")}
     try:
         from microtrain import model
-        from microtrain.data import EpisodeImages, open_dataset
+        from microtrain.data import open_dataset
+        from microtrain.episodes import EpisodeImages
         from microtrain.methods import Budgets
         from microtrain.pipeline import adapt_episode
         from microtrain.train import FinetuneConfig

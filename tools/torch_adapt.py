@@ -70,7 +70,8 @@ def main(argv=None) -> int:
     import torch.nn.functional as F
 
     from microtrain.checkpoint import ensure_converted, load_weights
-    from microtrain.data import EpisodeImages, augment, open_dataset, sample_episode, to_input
+    from microtrain.data import augment, open_dataset, to_input
+    from microtrain.episodes import EpisodeImages, sample_episode
     from microtrain.paths import shared_file
     from torch_mbconv import build_torch_model, prototype_loss, set_trainable
 

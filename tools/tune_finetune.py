@@ -29,7 +29,8 @@ def one(task):
 
     from microtrain import model
     from microtrain.checkpoint import ensure_converted
-    from microtrain.data import EpisodeImages, open_dataset, sample_episode
+    from microtrain.data import open_dataset
+    from microtrain.episodes import EpisodeImages, sample_episode
     from microtrain.methods import Budgets, plan_method
     from microtrain.paths import shared_file
     from microtrain.train import FinetuneConfig, finetune, prototype_accuracy
