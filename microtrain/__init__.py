@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 def load(path):
     """A network from a microtrain weight file (``weights/README.md``): ``net.features(x)`` maps
     float32 (N, 3, R, R) images in [-1, 1] to pooled embeddings (N, C)."""
+    # Imported here, not above: `import microtrain` (and every `microtrain.<module>`, which runs this
+    # file first) must not load Numba and the engine; the readers (data, checkpoint) work without them.
     from .model import load as load_network
 
     return load_network(path)
