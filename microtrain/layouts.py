@@ -124,6 +124,8 @@ def _int8_conv(conv, where: str, in_channels: int, kind: str):
 
 
 def from_int8_dict(ck: dict):
+    """The parsed layers of a tiny-training int8 dict (``assemble``'s arguments after the name),
+    dequantised to float32."""
     check_keys(ck, ("first_conv", "blocks"), ("feature_mix", "classifier"), "")
     fc = ck["first_conv"]
     if not isinstance(fc, dict):
@@ -268,6 +270,9 @@ def _check_config_value(layer: dict, field: str, actual, key: str) -> None:
 
 
 def from_state_dict(sd: dict, config, bn_eps):
+    """The parsed layers of a zoo / tiny-training float state_dict (``assemble``'s arguments after
+    the name), BatchNorm folded with ``bn_eps`` (None: the config's, else 1e-3); ``config`` (the
+    net-config dict) gives the strides and shortcuts and must agree with the weights."""
     sd, word, n_blocks, expands, has_mix, has_classifier = _state_dict_layers(sd)
     if config is not None and not isinstance(config, dict):
         raise CheckpointError("config: the net-config JSON must be an object")
