@@ -8,15 +8,25 @@ an npz row index) without decoding anything; ``Dataset.load(item, R)`` decodes o
 returns it as ``uint8 (3, R, R)``. Keep images uint8 and convert a batch at a time with
 :func:`to_input` (float32 in [-1, 1], the backbones' input convention).
 
+Inputs are read as users have them: every format the installed Pillow decodes, EXIF orientation
+applied, symlinked folders followed once (loops skipped), zip names in UTF-8 with or without the
+zip's UTF-8 flag, no file or zip member read past ``MAX_IMAGE_FILE_BYTES``, and ``.npz`` rows
+read one at a time from the archive. What a reader skips is said in one ``note:`` line on
+stderr (through the ``microtrain.data`` logger) and kept in ``dataset.notes``.
+
 Episode sampling lives one layer up, in :mod:`microtrain.episodes`, which reads datasets through
 this module (never the other way round).
 """
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
+import unicodedata
 import zipfile
+import zlib
+from collections import Counter
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -30,24 +40,41 @@ __all__ = [
     "ZipDataset",
     "ArrayDataset",
     "NpzDataset",
-    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_FILE_BYTES",
+    "image_extensions",
     "open_dataset",
+    "load_image",
     "decode_image",
     "resize",
     "to_input",
     "augment",
 ]
 
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
-     ".ppm", ".pgm", ".pbm", ".pnm"}
+# Used to list images only when Pillow is not installed (loading then says how to install it);
+# with Pillow, image_extensions() asks Pillow which formats it decodes.
+_EXTENSIONS_WITHOUT_PILLOW = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+     ".ppm", ".pgm", ".pbm", ".pnm", ".avif"}
 )
 
+# One encoded image file (or zip member) is never read past this many bytes: several times the
+# largest phone/DSLR JPEG, about a 40-megapixel uncompressed 8-bit RGB TIFF. Anything declaring
+# more is refused before a byte is read or inflated (a zip bomb's member declares gigabytes).
+MAX_IMAGE_FILE_BYTES = 128 << 20
+
+_STREAM_WINDOW = 1 << 20  # bytes read (inflated) at a time from a zip member
+
 PILLOW_HINT = "pip install microtrain[images]"
+
+_log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
     """Bad input data: the message is one line and names the path, file or class at fault."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB" if n < 2**30 else f"{n / 2**30:.1f} GiB"
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,7 +82,8 @@ class DataError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 class Dataset:
-    """Base class: ``classes`` (sorted names), ``items_per_class`` (cheap item references).
+    """Base class: ``classes`` (sorted names), ``items_per_class`` (cheap item references),
+    ``notes`` (one-line remarks on what the reader skipped; already logged).
 
     Subclasses implement ``_decode(item, resolution) -> uint8 (H, W, 3)`` (the resolution is
     only a decoding hint) and ``describe(item) -> str``.
@@ -64,6 +92,7 @@ class Dataset:
     source: str
     classes: list[str]
     items_per_class: list[list]
+    notes: list[str] = []
 
     def __len__(self) -> int:
         return sum(len(items) for items in self.items_per_class)
@@ -84,6 +113,10 @@ class Dataset:
     def describe(self, item) -> str:
         return f"{self.source}: {item}"
 
+    def _note(self, message: str) -> None:
+        self.notes = [*self.notes, message]
+        _log.warning("note: %s", message)
+
     def _decode(self, item, resolution: int | None) -> np.ndarray:
         raise NotImplementedError
 
@@ -101,9 +134,13 @@ class Dataset:
             out = np.empty(shape, dtype=np.uint8)
         elif out.shape != shape or out.dtype != np.uint8:
             raise DataError(f"load_many: out must be uint8 {shape}, got {out.dtype} {out.shape}")
-        for i, item in enumerate(items):
-            out[i] = self.load(item, resolution)
+        for i in self._load_order(items):
+            out[i] = self.load(items[i], resolution)
         return out
+
+    def _load_order(self, items: Sequence) -> Iterable[int]:
+        """The order ``load_many`` visits ``items`` in (positions into ``items``)."""
+        return range(len(items))
 
 
 def _check_resolution(resolution) -> int:
@@ -116,25 +153,85 @@ def _hidden(part: str) -> bool:
     return part.startswith(".") or part == "__MACOSX"
 
 
-def _is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+@lru_cache(maxsize=1)
+def image_extensions() -> frozenset[str]:
+    """File extensions (lower case, with the dot) of every format the installed Pillow decodes.
+
+    Pillow's registered extensions (``Image.registered_extensions()``) whose format has an
+    opener (so not the write-only PDF and Palm), minus the stub formats that need an external
+    handler nobody registered (BUFR, GRIB, HDF5, WMF off Windows), EPS/PS without Ghostscript
+    and MPEG (identified, not decoded). HEIC/HEIF count when the ``pillow-heif`` plugin is installed (it is registered
+    here). Without Pillow, a fixed list of common formats, so that a dataset is still listed
+    and loading says how to install Pillow.
+    """
+    Image = _pillow()
+    if Image is None:
+        return _EXTENSIONS_WITHOUT_PILLOW
+    try:  # optional plugin: the format iPhones save photos in
+        from pillow_heif import register_heif_opener
+        register_heif_opener()
+    except Exception:  # absent, or a broken install: HEIC files are then skipped and counted
+        pass
+    from PIL import ImageFile
+
+    registered = Image.registered_extensions()  # imports every plugin, filling Image.OPEN
+    decodable = set()
+    for fmt, (factory, _accept) in Image.OPEN.items():
+        if fmt == "MPEG":
+            continue
+        if isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile):
+            module = __import__(factory.__module__, fromlist=["_handler"])
+            if getattr(module, "_handler", None) is None:
+                continue
+        if fmt == "EPS":
+            from PIL import EpsImagePlugin
+            if not EpsImagePlugin.has_ghostscript():
+                continue
+        decodable.add(fmt)
+    if "JPEG" in decodable:
+        decodable.add("MPO")  # phones' multi-picture JPEGs: opened by the JPEG opener
+    return frozenset(ext.lower() for ext, fmt in registered.items() if fmt in decodable)
+
+
+def _extension(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
+
+
+def _skipped_note(where: str, not_images: list[str], loose: int) -> str | None:
+    """One line counting the files a listing did not use, by extension."""
+    if not not_images and not loose:
+        return None
+    parts = []
+    if not_images:
+        counts = Counter(_extension(n) or "(no extension)" for n in not_images).most_common()
+        shown = ", ".join(f"{c} {ext}" for ext, c in counts[:4]) + (", ..." if len(counts) > 4 else "")
+        parts.append(f"{len(not_images)} not in a format the installed Pillow decodes ({shown})")
+    if loose:
+        parts.append(f"{loose} beside the class folders")
+    total = len(not_images) + loose
+    return f"{where}: skipped {total} file{'s' if total != 1 else ''}: " + "; ".join(parts)
 
 
 def _group_by_class(files: Iterable[tuple[str, ...]], dirs: Iterable[tuple[str, ...]],
-                    where: str) -> tuple[list[str], list[list[str]]]:
+                    where: str) -> tuple[list[str], list[list[str]], str | None]:
     """Group image paths (tuples of path parts) into classes = first-level folders.
 
     Single wrapper folders (one folder holding the class folders and no image of its own)
     are stripped, so ``data.zip: omniglot/<class>/<img>`` works as well as ``<class>/<img>``.
     Images deeper inside a class folder belong to that class; loose images beside the class
-    folders are ignored.
+    folders are not used. A file is an image when its extension is one of
+    :func:`image_extensions`. Class names are Unicode NFC, so a folder named on macOS (NFD)
+    and one named elsewhere are the same class. Returns the classes, their items and a
+    one-line note counting the files not used (None when all were used).
     """
     files = [f for f in files if not any(_hidden(p) for p in f)]
     all_dirs = {d for d in dirs if d and not any(_hidden(p) for p in d)}
     for f in files:  # parents implied by any file (zips need not list folders)
         for k in range(1, len(f)):
             all_dirs.add(f[:k])
-    files = [f for f in files if _is_image_name(f[-1])]
+    extensions = image_extensions()
+    not_images = [f[-1] for f in files if _extension(f[-1]) not in extensions]
+    files = [f for f in files if _extension(f[-1]) in extensions]
 
     prefix: tuple[str, ...] = ()
     while True:
@@ -150,7 +247,10 @@ def _group_by_class(files: Iterable[tuple[str, ...]], dirs: Iterable[tuple[str, 
         prefix = only
 
     n = len(prefix)
-    class_names = sorted(d[n] for d in all_dirs if len(d) == n + 1 and d[:n] == prefix)
+    folder_of = {}  # class name (NFC) -> the first folder of that name, for messages
+    for d in sorted(d for d in all_dirs if len(d) == n + 1 and d[:n] == prefix):
+        folder_of.setdefault(unicodedata.normalize("NFC", d[n]), "/".join(d))
+    class_names = sorted(folder_of)
     inside = "/".join(prefix)
     if not class_names:
         raise DataError(f"{where}: no class folders found"
@@ -158,54 +258,210 @@ def _group_by_class(files: Iterable[tuple[str, ...]], dirs: Iterable[tuple[str, 
                         + " (expected <class>/<image> layout)")
     index = {c: i for i, c in enumerate(class_names)}
     items: list[list[str]] = [[] for _ in class_names]
+    loose = 0
     for f in files:
         if len(f) >= n + 2 and f[:n] == prefix:
-            items[index[f[n]]].append("/".join(f))
+            items[index[unicodedata.normalize("NFC", f[n])]].append("/".join(f))
+        else:
+            loose += 1
     for c, lst in zip(class_names, items):
         if not lst:
-            folder = "/".join(prefix + (c,))
-            raise DataError(f"{where}: class folder {folder}/ has no images")
+            raise DataError(f"{where}: class folder {folder_of[c]}/ has no images "
+                            f"(in a format the installed Pillow decodes)")
         lst.sort()
-    return class_names, items
+    return class_names, items, _skipped_note(where, not_images, loose)
+
+
+def _list_tree(root: Path) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]], str | None]:
+    """Every file and folder under ``root`` as path-part tuples, following directory links
+    without visiting any real folder twice.
+
+    Real folders are listed first; then each directory link (shallowest first) is followed
+    unless it leads to a folder already listed or to a folder holding ``root`` (a loop such as
+    ``cat/all -> ..``, or a second name for another class's folder, whose images would be
+    listed twice under two labels). Broken links are left out. Returns files, folders and a
+    one-line note naming the links skipped (None when none were). Raises DataError when a
+    folder cannot be listed.
+    """
+    root_real = os.path.realpath(root)
+    seen: set[tuple[int, int]] = set()
+    files: list[tuple[str, ...]] = []
+    dirs: list[tuple[str, ...]] = []
+    links: list[tuple[tuple[str, ...], str]] = []  # directory links, followed after real folders
+    skipped: list[str] = []
+    broken: list[str] = []
+
+    def visit(top: str, rel: tuple[str, ...]) -> None:
+        stack = [(top, rel)]
+        while stack:
+            path, parts = stack.pop()
+            st = os.stat(path)
+            seen.add((st.st_dev, st.st_ino))
+            try:
+                with os.scandir(path) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                raise DataError(f"{path}: cannot list folder ({exc.strerror or exc})") from None
+            for e in entries:
+                if _hidden(e.name):
+                    continue
+                sub = parts + (e.name,)
+                if e.is_dir(follow_symlinks=False):
+                    dirs.append(sub)
+                    stack.append((e.path, sub))
+                elif e.is_symlink() and e.is_dir():
+                    links.append((sub, e.path))
+                elif e.is_symlink() and not os.path.exists(e.path):
+                    broken.append("/".join(sub))
+                else:
+                    files.append(sub)
+
+    visit(str(root), ())
+    done = 0
+    while done < len(links):
+        links[done:] = sorted(links[done:], key=lambda link: (len(link[0]), link[0]))
+        parts, path = links[done]
+        done += 1
+        st = os.stat(path)
+        target = os.path.realpath(path)
+        inside_root = root_real == target or root_real.startswith(target.rstrip(os.sep) + os.sep)
+        if (st.st_dev, st.st_ino) in seen or inside_root:
+            skipped.append(f"{'/'.join(parts)} -> {os.readlink(path)}")
+            continue
+        dirs.append(parts)
+        visit(path, parts)
+    parts = []
+    if skipped:
+        parts.append(f"{_count(skipped, 'directory link')} to folders already listed "
+                     f"(loops or second names): {_some(skipped)}")
+    if broken:
+        parts.append(f"{_count(broken, 'broken link')}: {_some(broken)}")
+    return files, dirs, (f"{root}: skipped " + "; ".join(parts)) if parts else None
+
+
+def _count(things: Sequence, noun: str) -> str:
+    return f"{len(things)} {noun}{'s' if len(things) != 1 else ''}"
+
+
+def _some(names: Sequence[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _read_capped(fh, name: str, declared: int | None) -> bytes:
+    """Read one encoded image from ``fh``, never more than MAX_IMAGE_FILE_BYTES.
+
+    ``declared`` (a file's size, a zip member's uncompressed size) is checked before reading.
+    Reading goes 1 MiB at a time (zipfile inflates as much as one ``read`` asks for, whatever
+    the member declares) and stops one byte past the declared size or the limit, so a header
+    that lies costs at most 1 MiB; zipfile then reports the member's CRC mismatch."""
+    if declared is not None and declared > MAX_IMAGE_FILE_BYTES:
+        raise DataError(f"{name}: declares {_mib(declared)}, more than an image file may have "
+                        f"({_mib(MAX_IMAGE_FILE_BYTES)}; a zip bomb?); not read")
+    want = (MAX_IMAGE_FILE_BYTES if declared is None else declared) + 1
+    chunks, got = [], 0
+    while got < want:
+        chunk = fh.read(min(_STREAM_WINDOW, want - got))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    data = b"".join(chunks)
+    if len(data) > MAX_IMAGE_FILE_BYTES:
+        raise DataError(f"{name}: holds more than an image file may have "
+                        f"({_mib(MAX_IMAGE_FILE_BYTES)}); read stopped there")
+    return data
+
+
+def _read_file(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            return _read_capped(fh, str(path), os.fstat(fh.fileno()).st_size)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
 
 
 class FolderDataset(Dataset):
-    """A directory holding one sub-folder of images per class. Items are relative paths."""
+    """A directory holding one sub-folder of images per class. Items are relative paths.
+
+    Directory links are followed, each real folder once (see ``_list_tree``)."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
         self.source = str(self.root)
+        self.notes = []
         if not self.root.is_dir():
             raise DataError(f"{self.root}: not a directory")
-        files, dirs = [], []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=True):
-            rel = Path(dirpath).relative_to(self.root).parts
-            dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-            dirs.extend(rel + (d,) for d in dirnames)
-            files.extend(rel + (f,) for f in filenames if not _hidden(f))
+        files, dirs, link_note = _list_tree(self.root)
         if not files and not dirs:
             raise DataError(f"{self.root}: folder is empty")
-        self.classes, self.items_per_class = _group_by_class(files, dirs, self.source)
+        self.classes, self.items_per_class, skip_note = _group_by_class(files, dirs, self.source)
+        for note in (link_note, skip_note):
+            if note:
+                self._note(note)
 
     def describe(self, item) -> str:
         return str(self.root / item)
 
     def _decode(self, item, resolution):
         path = self.root / item
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        return decode_image(data, str(path), resolution)
+        return decode_image(_read_file(path), str(path), resolution)
+
+
+_UNICODE_PATH_EXTRA = 0x7075  # Info-ZIP Unicode Path extra field
+
+
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """A zip member's name as its author wrote it.
+
+    zipfile decodes names as CP437 unless the member's UTF-8 flag (bit 11) is set, but many
+    tools write UTF-8 without the flag ("café" would read "caf├⌐"). As ``unzip`` does: the
+    Info-ZIP Unicode Path extra field when present and current (its CRC matches the stored
+    name), else the stored bytes as UTF-8 when they are valid UTF-8, else CP437. Names written
+    with backslashes only (old Windows tools) get forward slashes.
+    """
+    name = info.filename
+    if not info.flag_bits & 0x800:
+        raw = info.orig_filename.encode("cp437")
+        name = _unicode_path_field(info.extra, raw)
+        if name is None:
+            try:
+                name = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                name = info.filename
+    if "\\" in name and "/" not in name:
+        name = name.replace("\\", "/")
+    return name
+
+
+def _unicode_path_field(extra: bytes, raw_name: bytes) -> str | None:
+    i = 0
+    while i + 4 <= len(extra):
+        tag, size = int.from_bytes(extra[i:i + 2], "little"), int.from_bytes(extra[i + 2:i + 4], "little")
+        body = extra[i + 4:i + 4 + size]
+        if tag == _UNICODE_PATH_EXTRA and len(body) >= 5 and body[0] == 1:
+            if int.from_bytes(body[1:5], "little") == zlib.crc32(raw_name):
+                try:
+                    return body[5:].decode("utf-8")
+                except UnicodeDecodeError:
+                    return None
+        i += 4 + size
+    return None
+
+
+# What zipfile raises for a member it cannot deliver: damaged, truncated, encrypted (RuntimeError),
+# an unsupported compression method (NotImplementedError), inflated data past its CRC.
+_ZIP_READ_ERRORS = (zipfile.BadZipFile, OSError, EOFError, zlib.error, RuntimeError, NotImplementedError)
 
 
 class ZipDataset(Dataset):
-    """A zip of a class-per-folder tree. Items are member names; the archive stays open
-    (and is reopened after :meth:`close`), members are read one at a time on ``load``."""
+    """A zip of a class-per-folder tree. Items are member names (as written, see
+    ``_member_name``); the archive stays open (and is reopened after :meth:`close`), members
+    are read one at a time on ``load``, never past ``MAX_IMAGE_FILE_BYTES``."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.source = str(self.path)
+        self.notes = []
         self._zip: zipfile.ZipFile | None = None
         try:
             zf = self._handle()
@@ -213,19 +469,26 @@ class ZipDataset(Dataset):
         except (zipfile.BadZipFile, OSError) as exc:
             raise DataError(f"{self.path}: not a readable zip ({exc})") from None
         files, dirs = [], []
+        self._members: dict[str, zipfile.ZipInfo] = {}
         for info in infos:
-            parts = tuple(p for p in info.filename.split("/") if p)
+            name = _member_name(info)
+            parts = tuple(p for p in name.split("/") if p)
             if not parts:
                 continue
-            (dirs if info.is_dir() else files).append(parts)
+            is_dir = info.is_dir() or name.endswith("/")
+            (dirs if is_dir else files).append(parts)
+            if not is_dir:
+                self._members["/".join(parts)] = info
         if not files:
             self.close()
             raise DataError(f"{self.path}: zip holds no files")
         try:
-            self.classes, self.items_per_class = _group_by_class(files, dirs, self.source)
+            self.classes, self.items_per_class, skip_note = _group_by_class(files, dirs, self.source)
         except DataError:
             self.close()
             raise
+        if skip_note:
+            self._note(skip_note)
 
     def _handle(self) -> zipfile.ZipFile:
         if self._zip is None:
@@ -246,11 +509,16 @@ class ZipDataset(Dataset):
         return f"{self.path}:{item}"
 
     def _decode(self, item, resolution):
+        name = f"{self.path}:{item}"
+        info = self._members.get(item)
+        if info is None:
+            raise DataError(f"{name}: no such member")
         try:
-            data = self._handle().read(item)
-        except (KeyError, zipfile.BadZipFile, OSError) as exc:
-            raise DataError(f"{self.path}:{item}: cannot read member ({exc})") from None
-        return decode_image(data, f"{self.path}:{item}", resolution)
+            with self._handle().open(info) as fh:
+                data = _read_capped(fh, name, info.file_size)
+        except _ZIP_READ_ERRORS as exc:
+            raise DataError(f"{name}: cannot read member ({exc})") from None
+        return decode_image(data, name, resolution)
 
 
 class ArrayDataset(Dataset):
@@ -279,6 +547,7 @@ class ArrayDataset(Dataset):
             raise DataError(f"{where}: no images (x is empty)")
         if y.min() < 0:
             raise DataError(f"{where}: negative label {int(y.min())} in y")
+        self._rows = len(y)
         labels = np.unique(y)
         if names is not None:
             names = [str(n) for n in np.asarray(names).reshape(-1)]
@@ -300,18 +569,21 @@ class ArrayDataset(Dataset):
         ends = np.searchsorted(y[by_label], self.labels, side="right")
         self.items_per_class = [by_label[s:e].tolist() for s, e in zip(starts, ends)]
 
-    def _array(self) -> np.ndarray:
-        return self._x
-
     def describe(self, item) -> str:
         return f"{self.source}[{item}]"
 
+    def _row(self, index: int) -> np.ndarray:
+        """Image ``index`` as stored: uint8 (H, W) or (H, W, C)."""
+        return np.asarray(self._x[index])
+
     def _decode(self, item, resolution):
-        x = self._array()
         try:
-            img = np.asarray(x[int(item)])
-        except (IndexError, TypeError, ValueError):
-            raise DataError(f"{self.source}: no image at index {item!r}") from None
+            index = int(item)
+        except (TypeError, ValueError):
+            index = -1
+        if not 0 <= index < self._rows:
+            raise DataError(f"{self.source}: no image at index {item!r}")
+        img = self._row(index)
         if img.ndim == 2:
             img = img[:, :, None]
         if img.shape[2] == 1:
@@ -332,62 +604,127 @@ def _check_x_shape(shape, dtype, where) -> tuple[int, ...]:
 
 
 class NpzDataset(ArrayDataset):
-    """An ``.npz`` with ``x``, ``y`` and optional ``names``.
+    """An ``.npz`` with ``x``, ``y`` and optional ``names``, read one image row at a time.
 
-    Opening reads only ``y``, ``names`` and the header of ``x``; ``x`` itself is read on the
-    first ``load`` (memory-mapped straight from the file when the member is stored
-    uncompressed, so large uncompressed archives never sit in RAM).
+    Opening reads ``y``, ``names`` and the header of ``x``; ``load`` then reads only the rows
+    asked for. A stored (``np.savez``) ``x.npy`` is read with a seek per row; a compressed one
+    (``np.savez_compressed``) is inflated as a stream, 1 MiB at a time, rows kept only when
+    asked for: ``load_many`` visits its rows in file order so one pass serves a whole
+    support or query set. Peak memory is the images asked for plus that window, whatever the
+    size of the dataset. A member whose size disagrees with its header is refused.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.source = str(self.path)
-        self._x = None
+        self._file = None       # raw file handle (stored x.npy)
+        self._stream = None     # (zipfile, member stream, next row) for a compressed x.npy
         try:
             with zipfile.ZipFile(self.path) as zf:
-                members = set(zf.namelist())
+                members = {i.filename: i for i in zf.infolist()}
                 missing = [k for k in ("x", "y") if f"{k}.npy" not in members]
                 if missing:
                     raise DataError(f"{self.path}: npz has no array {missing[0]!r} "
                                     f"(needs x and y, has {sorted(m[:-4] for m in members)})")
-                with zf.open("x.npy") as fh:
-                    shape, dtype = _npy_header(fh, self.path)
-                y = _read_npy(zf, "y.npy", self.path)
-                names = _read_npy(zf, "names.npy", self.path) if "names.npy" in members else None
-        except (zipfile.BadZipFile, OSError) as exc:
-            raise DataError(f"{self.path}: not a readable npz ({exc})") from None
-        self._init_index(_check_x_shape(shape, dtype, self.source), y, names)
-        self._shape = shape
-
-    def _array(self) -> np.ndarray:
-        if self._x is None:
-            self._x = self._map_or_read()
-        return self._x
-
-    def _map_or_read(self) -> np.ndarray:
-        with zipfile.ZipFile(self.path) as zf:
-            info = zf.getinfo("x.npy")
-            if info.compress_type == zipfile.ZIP_STORED:
+                info = members["x.npy"]
                 with zf.open(info) as fh:
-                    _npy_header(fh, self.path)
+                    shape, dtype = _npy_header(fh, self.path, "x.npy")
                     header_len = fh.tell()
-                with open(self.path, "rb") as raw:  # data starts after the local file header
-                    raw.seek(info.header_offset)
-                    local = raw.read(30)
-                    name_len = int.from_bytes(local[26:28], "little")
-                    extra_len = int.from_bytes(local[28:30], "little")
-                offset = info.header_offset + 30 + name_len + extra_len + header_len
-                return np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset,
-                                 shape=self._shape)
-            return _read_npy(zf, "x.npy", self.path)
+                shape = _check_x_shape(shape, dtype, self.source)
+                y = _read_npy(zf, members["y.npy"], self.path, rows=shape[0])
+                names = (_read_npy(zf, members["names.npy"], self.path)
+                         if "names.npy" in members else None)
+        except _ZIP_READ_ERRORS as exc:
+            raise DataError(f"{self.path}: not a readable npz ({exc})") from None
+        self._row_shape = shape[1:]
+        self._row_bytes = math.prod(shape[1:])
+        expected = header_len + shape[0] * self._row_bytes
+        if info.file_size != expected:
+            raise DataError(f"{self.path}: x.npy holds {info.file_size} bytes but its header "
+                            f"declares {shape} uint8 ({expected} bytes with the header); truncated?")
+        self._info, self._header_len = info, header_len
+        self._stored = info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1
+        self._init_index(shape, y, names)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._stream is not None:
+            self._stream[1].close()
+            self._stream[0].close()
+            self._stream = None
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_x"] = None
+        state["_file"] = state["_stream"] = None
         return state
 
+    def _data_offset(self) -> int:
+        """Where x.npy's first row starts in the file: after the member's local header (whose
+        name and extra field lengths may differ from the central directory's) and .npy header."""
+        self._file.seek(self._info.header_offset)
+        local = self._file.read(30)
+        if len(local) != 30 or local[:4] != b"PK\x03\x04":
+            raise DataError(f"{self.path}: x.npy's local header is damaged")
+        name_len = int.from_bytes(local[26:28], "little")
+        extra_len = int.from_bytes(local[28:30], "little")
+        return self._info.header_offset + 30 + name_len + extra_len + self._header_len
 
-def _npy_header(fh, where):
+    def _row(self, index: int) -> np.ndarray:
+        buf = bytearray(self._row_bytes)
+        try:
+            if self._stored:
+                self._read_stored(index, buf)
+            else:
+                self._read_streamed(index, buf)
+        except _ZIP_READ_ERRORS as exc:
+            self.close()
+            raise DataError(f"{self.path}: cannot read image {index} of x.npy ({exc})") from None
+        return np.frombuffer(buf, dtype=np.uint8).reshape(self._row_shape)
+
+    def _read_stored(self, index: int, buf: bytearray) -> None:
+        if self._file is None:
+            self._file = open(self.path, "rb")
+            self._offset = self._data_offset()
+        self._file.seek(self._offset + index * self._row_bytes)
+        if self._file.readinto(buf) != len(buf):
+            raise EOFError("file ends inside x.npy")
+
+    def _read_streamed(self, index: int, buf: bytearray) -> None:
+        if self._stream is None or self._stream[2] > index:  # (re)start at the first row
+            self.close()
+            zf = zipfile.ZipFile(self.path)
+            fh = zf.open(self._info)
+            fh.read(self._header_len)
+            self._stream = [zf, fh, 0]
+        zf, fh, at = self._stream
+        skip = (index - at) * self._row_bytes
+        while skip:
+            got = len(fh.read(min(skip, _STREAM_WINDOW)))
+            if not got:
+                raise EOFError("x.npy ends early")
+            skip -= got
+        view = memoryview(buf)
+        while view:
+            chunk = fh.read(len(view))
+            if not chunk:
+                raise EOFError("x.npy ends early")
+            view[:len(chunk)] = chunk
+            view = view[len(chunk):]
+        self._stream[2] = index + 1
+
+    def _load_order(self, items: Sequence) -> Iterable[int]:
+        try:
+            rows = np.array([int(i) for i in items], dtype=np.int64)
+        except (TypeError, ValueError):
+            return range(len(items))
+        return np.argsort(rows, kind="stable").tolist()
+
+
+def _npy_header(fh, where, member: str):
+    """(shape, dtype) of the .npy array whose header starts at ``fh``'s position; refuses a
+    Fortran-ordered array and any header that is not a .npy header (never unpickles)."""
     try:
         version = np.lib.format.read_magic(fh)
         if version == (1, 0):
@@ -395,22 +732,37 @@ def _npy_header(fh, where):
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
     except ValueError as exc:
-        raise DataError(f"{where}: x.npy is not a valid .npy array ({exc})") from None
+        raise DataError(f"{where}: {member} is not a valid .npy array ({exc})") from None
     if fortran:
-        raise DataError(f"{where}: x must be C-ordered, got a Fortran-ordered array")
+        raise DataError(f"{where}: {member[:-4]} must be C-ordered, got a Fortran-ordered array")
     return shape, dtype
 
 
-def _read_npy(zf: zipfile.ZipFile, member: str, where) -> np.ndarray:
-    try:
-        with zf.open(member) as fh:
-            return np.lib.format.read_array(fh, allow_pickle=False)
-    except ValueError as exc:
-        raise DataError(f"{where}: cannot read {member} ({exc})") from None
+def _read_npy(zf: zipfile.ZipFile, info: zipfile.ZipInfo, where, rows: int | None = None) -> np.ndarray:
+    """A small array member (labels, names), its header checked before its data is read: at
+    most ``rows`` entries when given, never more than MAX_IMAGE_FILE_BYTES."""
+    member = info.filename
+    with zf.open(info) as fh:
+        shape, dtype = _npy_header(fh, where, member)
+        size = math.prod(shape) * dtype.itemsize
+        if rows is not None and len(shape) == 1 and shape[0] != rows:  # other shapes: _init_index
+            raise DataError(f"{where}: x has {rows} images but {member[:-4]} has {shape[0]} labels")
+        if dtype.hasobject:
+            raise DataError(f"{where}: {member} holds Python objects, which are not read")
+        if size > MAX_IMAGE_FILE_BYTES or info.file_size > fh.tell() + size:
+            raise DataError(f"{where}: {member} declares {_mib(max(size, info.file_size))}, "
+                            f"more than it can hold; not read")
+        data = fh.read(size)
+    if len(data) != size:
+        raise DataError(f"{where}: {member} is truncated")
+    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
 
 
 def open_dataset(path: str | os.PathLike) -> Dataset:
-    """Open a class-per-folder directory, a zip of one, or an ``.npz`` (x, y[, names])."""
+    """Open a class-per-folder directory, a zip of one, or an ``.npz`` (x, y[, names]).
+
+    Raises DataError (one line) for anything that is not such a dataset; remarks on files
+    that were skipped are logged as one ``note:`` line each and kept in ``dataset.notes``."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or directory")
@@ -435,21 +787,34 @@ def _pillow():
     return Image
 
 
-def decode_image(data: bytes, name: str, resolution: int | None = None) -> np.ndarray:
-    """Decode encoded image bytes to ``uint8 (H, W, 3)`` RGB.
+def load_image(path: str | os.PathLike, resolution: int) -> np.ndarray:
+    """One image file -> ``uint8 (3, R, R)``, read and decoded exactly as dataset images are
+    (size limit, EXIF orientation, RGB, resize): what prediction on single files uses."""
+    resolution = _check_resolution(resolution)
+    rgb = decode_image(_read_file(Path(path)), str(path), resolution)
+    return resize(rgb.transpose(2, 0, 1), resolution)
 
+
+def decode_image(data: bytes, name: str, resolution: int | None = None) -> np.ndarray:
+    """Decode encoded image bytes to ``uint8 (H, W, 3)`` RGB, upright.
+
+    The EXIF orientation (tag 274, as phones and cameras write it; also read from PNG, WebP,
+    TIFF and XMP by Pillow) is applied, so the pixels are the image as every viewer shows it.
     Grayscale, 1-bit, palette and 16-bit images become 3 equal channels; transparency is
     composited over white. For JPEGs, ``resolution`` lets the decoder skip detail (DCT
     scaling) while keeping both sides >= resolution, which saves time and RAM on big photos.
+    Every reader of this package (folders, zips, single files) decodes through here.
     """
     Image = _pillow()
     if Image is None:
         raise ImportError(f"decoding {name} needs Pillow: {PILLOW_HINT}")
+    image_extensions()  # registers the optional plugins
     try:
         with Image.open(io.BytesIO(data)) as img:
             if resolution and img.format == "JPEG":
                 img.draft(img.mode, (resolution, resolution))
             img.load()
+            _upright(img)
             return _to_rgb(img)
     except (MemoryError, KeyboardInterrupt):
         raise
@@ -458,6 +823,17 @@ def decode_image(data: bytes, name: str, resolution: int | None = None) -> np.nd
         if "cannot identify image file" in reason:  # Pillow names our in-memory buffer, not the file
             reason = "not a format Pillow recognises"
         raise DataError(f"{name}: not a decodable image ({reason})") from None
+
+
+def _upright(img) -> None:
+    """Apply the image's EXIF orientation in place. An EXIF block Pillow cannot parse means
+    no viewer can orient the image either: it is kept as stored."""
+    from PIL import ImageOps
+
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # damaged EXIF (Pillow raises several types): keep as stored
+        pass
 
 
 def _to_rgb(img) -> np.ndarray:
