@@ -2,8 +2,9 @@
 kernel runs before it calls its compiled implementation.
 
 Policy (see ``kernel`` below):
-- explicit signatures, compiled when the kernel module is imported, ``cache=True`` so a warm
-  start costs milliseconds per kernel instead of hundreds;
+- explicit signatures, compiled when the kernel module is imported, through Numba's disk cache
+  (``cache=True``, made tolerant of damage: see the end of this docstring) so a warm start
+  costs milliseconds per kernel instead of hundreds;
 - ``nogil=True`` so a caller may run kernels from threads;
 - ``boundscheck=False`` and ``error_model="numpy"``: the Python wrappers check shapes before the
   call, so the compiled loops carry no per-element checks (a division by zero gives inf/nan like
@@ -20,11 +21,27 @@ same compiled code. Destinations are typed writable.
 
 Numba's cache is keyed per source file: the helpers at the bottom are inlined into kernels of
 other files, so after editing them clear the cache (``__pycache__/*.nbi``, ``*.nbc``).
+
+The disk cache must never stop a run (see ``_TolerantCache``): an entry that cannot be read (a
+``.nbi``/``.nbc`` file truncated by a power cut) is a cache miss, recompiled and rewritten, with
+one ``note:`` line; a cache that cannot be written is skipped with one line; and when Numba finds
+no writable place at all (``NUMBA_CACHE_DIR`` unset, a read-only install, no usable HOME) the
+kernels are cached in a private folder under the system's temporary directory, or not at all,
+again with one line. Notes go to the ``microtrain.kernels._jit`` logger (stderr by default).
 """
 from __future__ import annotations
 
+import atexit
+import logging
+import os
+import shutil
+import stat
+import tempfile
+
 import numpy as np
+from numba import config as numba_config
 from numba import njit, types
+from numba.core.caching import FunctionCache
 
 __all__ = ["KernelInputError", "kernel", "F32", "I64", "U8"]
 
@@ -52,11 +69,14 @@ i64 = types.int64
 f64 = types.float64
 void = types.void
 
-_BASE = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
+_BASE = dict(nogil=True, boundscheck=False, error_model="numpy")  # + a disk cache, see _compile
+
+_log = logging.getLogger(__name__)
 
 
 def kernel(signature, *, reassoc: bool = False, parallel: bool = False, why: str = ""):
-    """Decorator: compile one kernel eagerly for exactly ``signature`` under the project policy.
+    """Decorator: compile one kernel eagerly for exactly ``signature`` under the project policy,
+    through Numba's disk cache (``_TolerantCache``).
 
     ``reassoc`` and ``parallel`` are opt-outs from strict evaluation order / single thread; using
     either requires ``why`` (a one-line reason, normally the measurement that justified it).
@@ -64,7 +84,115 @@ def kernel(signature, *, reassoc: bool = False, parallel: bool = False, why: str
     if (reassoc or parallel) and not why:
         raise ValueError("kernel(): reassoc/parallel need a one-line reason in why=")
     fastmath = {"contract", "reassoc"} if reassoc else {"contract"}
-    return njit(signature, fastmath=fastmath, parallel=parallel, **_BASE)
+    return lambda func: _compile(func, signature, fastmath=fastmath, parallel=parallel, **_BASE)
+
+
+def _compile(func, signature, **options):
+    """What ``njit(signature, cache=True, **options)`` does, with ``_TolerantCache`` as the cache:
+    compile (or load) the one signature, then refuse to compile others."""
+    dispatcher = njit(**options)(func)  # lazy: nothing compiled yet
+    cache = _cache_for(func)
+    if cache is not None:
+        dispatcher._cache = cache  # where njit(cache=True) puts Numba's FunctionCache
+    dispatcher.compile(signature)
+    dispatcher.disable_compile()
+    return dispatcher
+
+
+class _TolerantCache(FunctionCache):
+    """Numba's per-function disk cache, except that it never stops a run.
+
+    Loading: any failure to read an entry (EOFError or UnpicklingError from a truncated
+    ``.nbi``/``.nbc``, or whatever a garbled pickle raises) makes it a cache miss; the damaged
+    index is removed so that the save after compiling writes a fresh index and data file
+    (Numba writes both through a temporary file and a rename, so concurrent runs see a whole
+    file or none). Saving: a failure (disk full, folder gone) leaves the kernel compiled and
+    uncached. One note line each."""
+
+    def load_overload(self, sig, target_context):
+        try:
+            return super().load_overload(sig, target_context)
+        except Exception as exc:  # any unreadable entry is a miss: the compile below is exact
+            try:
+                os.unlink(self._cache_file._index_path)
+            except OSError:
+                pass
+            _log.warning("note: Numba cache entry %s in %s was unreadable (%s); recompiling it",
+                         self._impl.filename_base, self.cache_path, _reason(exc))
+            return None
+
+    def save_overload(self, sig, data):
+        try:
+            super().save_overload(sig, data)
+        except Exception as exc:  # the kernel is compiled and runs; only the cache is missing
+            _log.warning("note: could not write Numba cache entry %s in %s (%s); it is compiled "
+                         "again next run", self._impl.filename_base, self.cache_path, _reason(exc))
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+_fallback = {"tried": False}
+
+
+def _cache_for(func) -> _TolerantCache | None:
+    """The disk cache for ``func``, in Numba's usual places (NUMBA_CACHE_DIR, the package's
+    ``__pycache__``, the user's cache folder); when none is writable, in a private temporary
+    folder (chosen once per process, with one note line); None when even that fails."""
+    try:
+        return _TolerantCache(func)
+    except RuntimeError as exc:  # Numba: "cannot cache function ...: no locator available"
+        if "no locator available" not in str(exc):
+            raise
+    if not _fallback["tried"]:
+        _fallback["tried"] = True
+        folder = _private_temp_folder()
+        where = os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+        why = f"NUMBA_CACHE_DIR unset, {where} and the user cache folder not writable"
+        if folder is None:
+            _log.warning("note: no writable Numba cache location (%s, no temporary folder); "
+                         "kernels are compiled on every run (set NUMBA_CACHE_DIR to keep them)", why)
+        else:
+            numba_config.CACHE_DIR = folder
+            os.environ["NUMBA_CACHE_DIR"] = folder  # survives a reload of Numba's config; children inherit it
+            _log.warning("note: no writable Numba cache location (%s); caching compiled kernels in %s "
+                         "(set NUMBA_CACHE_DIR to choose the place)", why, folder)
+    if not numba_config.CACHE_DIR:
+        return None
+    try:
+        return _TolerantCache(func)
+    except RuntimeError:
+        return None
+
+
+def _private_temp_folder() -> str | None:
+    """``<tmp>/microtrain-numba-<uid>``, made (mode 0700) or reused when it is this user's own
+    folder that nobody else can write (a cache holds pickles: another user's files could run
+    code here); otherwise a fresh folder for this run, removed at exit; None if neither works."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    shared = os.path.join(tempfile.gettempdir(), f"microtrain-numba-{uid if uid is not None else 'user'}")
+    try:
+        os.mkdir(shared, 0o700)
+    except FileExistsError:
+        pass
+    except OSError:
+        shared = None
+    if shared is not None:
+        try:
+            st = os.lstat(shared)
+            own = uid is None or st.st_uid == uid
+            if stat.S_ISDIR(st.st_mode) and own and not st.st_mode & 0o022 and os.access(shared, os.W_OK):
+                return shared
+        except OSError:
+            pass
+    try:
+        fresh = tempfile.mkdtemp(prefix="microtrain-numba-")
+    except OSError:
+        return None
+    atexit.register(shutil.rmtree, fresh, True)
+    return fresh
 
 
 # --------------------------------------------------------------------------- input checks
@@ -118,7 +246,7 @@ def out_size(size: int, k: int, stride: int) -> int:
     return (size + 2 * ((k - 1) // 2) - k) // stride + 1
 
 
-@njit(i64(i64_1r, i64), **_BASE)
+@kernel(i64(i64_1r, i64))
 def _first_out_of_range(idx, limit):  # pragma: no cover - compiled
     # one pass over the indices; -1 means all lie in [0, limit)
     for j in range(idx.shape[0]):
