@@ -160,14 +160,15 @@ def image_extensions() -> frozenset[str]:
     Pillow's registered extensions (``Image.registered_extensions()``) whose format has an
     opener (so not the write-only PDF and Palm), minus the stub formats that need an external
     handler nobody registered (BUFR, GRIB, HDF5, WMF off Windows), EPS/PS without Ghostscript
-    and MPEG (identified, not decoded). HEIC/HEIF count when the ``pillow-heif`` plugin is installed (it is registered
-    here). Without Pillow, a fixed list of common formats, so that a dataset is still listed
-    and loading says how to install Pillow.
+    and MPEG (identified, not decoded). HEIC/HEIF count when the ``pillow-heif`` plugin is
+    installed (it is registered here). Without Pillow, a fixed list of common formats, so that a
+    dataset is still listed and loading says how to install Pillow.
     """
     Image = _pillow()
     if Image is None:
         return _EXTENSIONS_WITHOUT_PILLOW
-    try:  # optional plugin: the format iPhones save photos in
+    try:
+        # an optional Pillow plugin, not a dependency: the format iPhones save photos in
         from pillow_heif import register_heif_opener
         register_heif_opener()
     except Exception:  # absent, or a broken install: HEIC files are then skipped and counted

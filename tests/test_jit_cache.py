@@ -109,4 +109,5 @@ def test_a_temp_folder_others_can_write_is_not_used(tmp_path, monkeypatch):
     assert _jit._private_temp_folder() == str(mine) and (mine.stat().st_mode & 0o777) == 0o700
     mine.chmod(0o777)
     fresh = _jit._private_temp_folder()
-    assert fresh != str(mine) and Path(fresh).parent == tmp_path and (Path(fresh).stat().st_mode & 0o777) == 0o700
+    assert fresh != str(mine) and Path(fresh).parent == tmp_path
+    assert (Path(fresh).stat().st_mode & 0o777) == 0o700

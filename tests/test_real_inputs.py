@@ -292,7 +292,8 @@ def test_every_decodable_format_is_used_and_the_rest_counted(tmp_path, caplog):
     assert ds.items_per_class[1][0] == "b/1.tga" and len(ds.items_per_class[1]) == len(files) - 8
     want = resize(pic.transpose(2, 0, 1), R).astype(int)
     for item in ds.items_per_class[0] + ds.items_per_class[1]:
-        assert np.abs(ds.load(item, R).astype(int) - want).mean() <= 5, item  # AVIF is lossy (a wrong picture is ~100 off)
+        # AVIF is lossy; a wrong picture would be ~100 off
+        assert np.abs(ds.load(item, R).astype(int) - want).mean() <= 5, item
     (line,) = notes(caplog)
     assert line == (f"note: {root}: skipped 4 files: 3 not in a format the installed Pillow decodes "
                     "(1 .txt, 1 .heic, 1 (no extension)); 1 beside the class folders")

@@ -29,7 +29,8 @@ EPISODE = """
 import sys
 def rss():  # VmHWM: this process image's peak (ru_maxrss would include the parent's, kept across exec)
     return int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) / 1024
-from microtrain.data import EpisodeImages, open_dataset, sample_episode
+from microtrain.data import open_dataset
+from microtrain.episodes import EpisodeImages, sample_episode
 base = rss()
 ds = open_dataset(sys.argv[1])
 images = EpisodeImages(sample_episode(ds, 10, 5, 10, 0), int(sys.argv[2]))
