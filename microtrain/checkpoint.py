@@ -10,12 +10,19 @@ on first use of a shared backbone). Each concern has its module:
 - ``weight_format.py``: our ``.npz`` weight file (``save_weights`` / ``load_weights``, re-exported
   here for the converter's callers).
 
+The state_dict may come as users save it: bare, or inside a container dict (``{'state_dict': sd}``,
+``{'model': sd, 'epoch': 5}``, ``{'net': sd, 'acc': ...}``, nested ``{'model': {'state_dict':
+sd}}``; see ``find_state_dict``), with every key under one extra prefix (``module.`` from
+DataParallel, ``model.`` from training frameworks, or both; see ``strip_key_prefix``). Where that
+is ambiguous the error names what was found and the ``tools/convert_ckpt.py`` flag that picks one.
+
 Every failure on bad input is a ``CheckpointError`` with a one-line message.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -26,10 +33,15 @@ from .paths import WEIGHTS_DIR, MissingSharedError, shared_file
 from .torch_archive import unpickle_archive
 from .weight_format import FORMAT_VERSION, load_weights, save_weights, stored_stamp
 
-__all__ = ["SHARED_CHECKPOINTS", "CheckpointError", "ensure_converted", "load_weights", "read_checkpoint",
-           "read_net_config", "save_weights"]
+__all__ = ["SHARED_CHECKPOINTS", "CheckpointError", "ensure_converted", "find_state_dict", "load_weights",
+           "read_checkpoint", "read_net_config", "save_weights", "strip_key_prefix"]
 
 SHARED_CHECKPOINTS = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
+
+# The top-level modules of the MCUNet / once-for-all family: where a state_dict key's own name
+# starts, whatever prefix a training framework put in front of it.
+_NETWORK_ROOTS = ("first_conv", "blocks", "feature_mix_layer", "classifier")
+_SEARCH_DEPTH = 3  # container dicts searched for a state_dict: {'model': {'state_dict': sd}} is 2
 
 
 def read_net_config(path) -> dict:
@@ -46,13 +58,134 @@ def read_net_config(path) -> dict:
     return config
 
 
-def read_checkpoint(path, config=None, bn_eps: float | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+def _is_state_dict(obj) -> bool:
+    """A non-empty dict of arrays under string keys (what a rebuilt state_dict is)."""
+    return (isinstance(obj, dict) and bool(obj) and all(isinstance(k, str) for k in obj)
+            and all(isinstance(v, np.ndarray) for v in obj.values()))
+
+
+def _split_key(key: str) -> tuple[str | None, str]:
+    """(prefix, name): the name starts at the first of the network's top-level modules
+    (``first_conv``, ``blocks.<i>``, ``feature_mix_layer``, ``classifier``); prefix None when the
+    key names none of them."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part in _NETWORK_ROOTS and (part != "blocks" or (i + 1 < len(parts) and parts[i + 1].isdigit())):
+            return "".join(p + "." for p in parts[:i]), ".".join(parts[i:])
+    return None, key
+
+
+def _looks_like_network(sd: dict) -> bool:
+    return any(_split_key(k)[0] is not None for k in sd)
+
+
+def find_state_dict(obj, key: str | None = None) -> tuple[dict, str] | None:
+    """The state_dict in what ``torch.save`` stored: ``(state_dict, where)``.
+
+    ``obj`` itself when it is one (``where`` = ""); otherwise the dicts of arrays found under
+    string keys of ``obj``, up to 3 levels deep (``where`` = their key path, e.g. ``model`` or
+    ``model/state_dict``): the one found, or the one that names the network's modules when
+    others do not (an optimizer's or EMA helper's buffers). ``key`` (a key path) picks one
+    explicitly. None when there is none (the caller names the contents). Raises
+    ``CheckpointError`` when ``key`` leads nowhere, or when several state_dicts qualify (e.g.
+    ``state_dict`` and ``state_dict_ema``): the message lists them and the flag that picks one.
+    """
+    if key is not None:
+        node, path = obj, []
+        for part in key.split("/"):
+            if not isinstance(node, dict) or part not in node:
+                there = f"keys {sorted(map(str, node))[:8]}" if isinstance(node, dict) else type(node).__name__
+                raise CheckpointError(f"--state-dict-key {key!r}: no {part!r} under "
+                                      f"{'/'.join(path) or 'the top level'} ({there})")
+            node = node[part]
+            path.append(part)
+        if not _is_state_dict(node):
+            raise CheckpointError(f"--state-dict-key {key!r} leads to a {type(node).__name__}, "
+                                  "not a dict of tensors")
+        return node, key
+    if _is_state_dict(obj):
+        return obj, ""
+    found: list[tuple[str, dict]] = []
+    level = [("", obj)]
+    for _ in range(_SEARCH_DEPTH):
+        deeper = []
+        for path, node in level:
+            if not isinstance(node, dict):
+                continue
+            for k, v in node.items():
+                if not isinstance(k, str):
+                    continue  # an optimizer's per-parameter state is keyed by int
+                where = f"{path}/{k}" if path else k
+                if _is_state_dict(v):
+                    found.append((where, v))
+                else:
+                    deeper.append((where, v))
+        level = deeper
+    if len(found) > 1:
+        networks = [(w, sd) for w, sd in found if _looks_like_network(sd)]
+        found = networks if networks else found
+    if not found:
+        return None
+    if len(found) > 1:
+        listed = ", ".join(f"{w!r} ({len(sd)} tensors)" for w, sd in found[:6])
+        raise CheckpointError(f"the checkpoint holds {len(found)} state_dicts: {listed}; choose one with "
+                              f"tools/convert_ckpt.py --state-dict-key {found[0][0]}")
+    return found[0][1], found[0][0]
+
+
+def strip_key_prefix(sd: dict, prefix: str | None = None) -> tuple[dict, str]:
+    """``sd`` with the prefix every key carries before the network's own names removed:
+    ``(state_dict, prefix removed)``.
+
+    The prefix of a key is what comes before its first top-level module name (``first_conv``,
+    ``blocks.<i>``, ``feature_mix_layer``, ``classifier``): ``module.`` (DataParallel),
+    ``model.`` (Lightning and other trainers), ``module.model.``, ... Keys naming no such module
+    count as having no prefix. When all keys share one prefix it is removed; keys with no
+    network name at all are left for the layout check to name. ``prefix`` (e.g. ``'student.'``,
+    ``''`` for keys without one) keeps only the keys with exactly that prefix. Raises
+    ``CheckpointError`` when the keys carry several prefixes (two networks in one state_dict),
+    or a prefix some keys lack, naming the prefixes with their key counts and the flag.
+    """
+    split = {k: _split_key(k) for k in sd}
+    if prefix is not None:
+        kept = {name: sd[k] for k, (p, name) in split.items()
+                if p == prefix or (p is None and prefix and k.startswith(prefix))}
+        if not kept:
+            raise CheckpointError(f"--prefix {prefix!r}: no state_dict key has it "
+                                  f"({_prefix_counts(split)})")
+        return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in kept.items()}, prefix
+    counts = Counter(p for p, _ in split.values() if p is not None)
+    if len(counts) > 1:
+        raise CheckpointError(f"the state_dict holds keys under {len(counts)} prefixes "
+                              f"({_prefix_counts(split)}): more than one network; choose one with "
+                              f"tools/convert_ckpt.py --prefix {counts.most_common(1)[0][0]!r}")
+    if not counts or "" in counts:
+        return sd, ""
+    (common,) = counts
+    outside = [k for k in sd if not k.startswith(common)]
+    if outside:
+        raise CheckpointError(f"{counts[common]} state_dict keys carry the prefix {common!r} but "
+                              f"{len(outside)} do not ({', '.join(map(repr, outside[:3]))}); keep the "
+                              f"network's keys with tools/convert_ckpt.py --prefix {common!r}")
+    return {k[len(common):]: v for k, v in sd.items()}, common
+
+
+def _prefix_counts(split: dict) -> str:
+    counts = Counter("(none)" if p is None else repr(p) if p else "'' (no prefix)" for p, _ in split.values())
+    return ", ".join(f"{p} {n} keys" for p, n in counts.most_common(6))
+
+
+def read_checkpoint(path, config=None, bn_eps: float | None = None, state_dict_key: str | None = None,
+                    prefix: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Read an int8-dict or float state_dict checkpoint without torch.
 
     ``config``: the net-config JSON (a path or an already parsed dict); required for float
     state_dicts, whose strides it gives. ``bn_eps``: BatchNorm eps for folding; None means the
-    config's ``bn.eps`` if it has one, else 1e-3. Returns ``(arch, arrays)`` as in
-    weights/README.md; raises ``CheckpointError`` (one line) on anything wrong.
+    config's ``bn.eps`` if it has one, else 1e-3. ``state_dict_key`` / ``prefix``: which
+    state_dict of a container, and which key prefix, when the file holds several
+    (``find_state_dict``, ``strip_key_prefix``; found on their own otherwise). Returns
+    ``(arch, arrays)`` as in weights/README.md; raises ``CheckpointError`` (one line) on
+    anything wrong.
     """
     path = Path(path)
     try:
@@ -63,22 +196,20 @@ def read_checkpoint(path, config=None, bn_eps: float | None = None) -> tuple[dic
         config = read_net_config(config)
     try:
         obj = unpickle_archive(data)
-        if isinstance(obj, dict) and "state_dict" in obj:
-            kind, sd = "torch-state-dict", obj["state_dict"]
-            if not isinstance(sd, dict):
-                raise CheckpointError(f"'state_dict' is {type(sd).__name__}, not a dict")
-            parsed = from_state_dict(sd, config, bn_eps)
-        elif isinstance(obj, dict) and isinstance(obj.get("first_conv"), dict):
-            kind = "int8-dict"
+        source = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest()}
+        if state_dict_key is None and prefix is None and isinstance(obj, dict) \
+                and isinstance(obj.get("first_conv"), dict):
+            source["kind"] = "int8-dict"
             parsed = from_int8_dict(obj)
-        elif isinstance(obj, dict) and obj and all(isinstance(v, np.ndarray) for v in obj.values()):
-            kind = "torch-state-dict"
-            parsed = from_state_dict(obj, config, bn_eps)
         else:
-            what = f"a dict with keys {list(obj)[:6]}" if isinstance(obj, dict) else type(obj).__name__
-            raise CheckpointError(f"unrecognised checkpoint contents ({what:.120}): expected an int8 dict "
-                                  "or a state_dict of an MCUNet / once-for-all network")
-        source = {"file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "kind": kind}
+            found = find_state_dict(obj, state_dict_key)
+            if found is None:
+                what = f"a dict with keys {list(obj)[:6]}" if isinstance(obj, dict) else type(obj).__name__
+                raise CheckpointError(f"unrecognised checkpoint contents ({what:.120}): expected an int8 dict "
+                                      "or a state_dict of an MCUNet / once-for-all network")
+            sd, _ = strip_key_prefix(found[0], prefix)
+            source["kind"] = "torch-state-dict"
+            parsed = from_state_dict(sd, config, bn_eps)
         return assemble(path.stem, *parsed, source)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None

@@ -198,14 +198,13 @@ def _fold(sd, prefix: str, eps: float, shape: tuple):
 
 
 def _state_dict_layers(sd: dict):
-    """Key layout of a state_dict: (the state_dict without a DataParallel 'module.' prefix,
-    block word, number of blocks, which blocks expand, whether there is a feature-mix layer,
-    whether there is a classifier). Unknown or missing keys raise, naming them."""
+    """Key layout of a state_dict (key prefixes such as DataParallel's 'module.' already removed
+    by ``checkpoint.strip_key_prefix``): (the state_dict, block word, number of blocks, which
+    blocks expand, whether there is a feature-mix layer, whether there is a classifier). Unknown
+    or missing keys raise, naming them."""
     bad = [k for k in sd if not isinstance(k, str)]
     if bad:
         raise CheckpointError(f"state_dict key {bad[0]!r:.40} is not a string")
-    if sd and all(k.startswith("module.") for k in sd):  # saved from nn.DataParallel
-        sd = {k[len("module."):]: v for k, v in sd.items()}
     found = {(int(m.group(1)), m.group(2)) for m in map(_BLOCK_KEY.match, sd) if m}
     words = {w for _, w in found if w in _BLOCK_WORDS}
     if len(words) > 1:
