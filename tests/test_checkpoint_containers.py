@@ -128,7 +128,7 @@ def test_convert_tool_names_the_flag_and_the_flag_works(tmp_path):
     path = save(tmp_path / "ema.pt", {"model": SD, "model_ema": scaled(SD, 0.5)})
     tool = [sys.executable, str(REPO / "tools" / "convert_ckpt.py"), str(path), "--config", str(CONFIG),
             "-o", str(tmp_path / "w.npz")]
-    env = {**os.environ, "MICROTRAIN_WEIGHTS": str(tmp_path), "PYTHONPATH": str(REPO)}  # this checkout's package
+    env = {**os.environ, "MICROTRAIN_WEIGHTS": str(tmp_path)}
     refused = subprocess.run(tool, capture_output=True, text=True, env=env, timeout=120)
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.count("\n") == 1 and "--state-dict-key model" in refused.stderr

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's package, as the other tools
+
 from microtrain.checkpoint import SHARED_CHECKPOINTS, CheckpointError, read_checkpoint, save_weights
 from microtrain.paths import WEIGHTS_DIR, MissingSharedError, shared_file
 
