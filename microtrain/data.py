@@ -198,6 +198,11 @@ def _extension(name: str) -> str:
     return os.path.splitext(name)[1].lower()
 
 
+def _is_image_name(name: str) -> bool:
+    """Whether a file name has the extension of a format the installed Pillow decodes."""
+    return _extension(name) in image_extensions()
+
+
 def _skipped_note(where: str, not_images: list[str], loose: int) -> str | None:
     """One line counting the files a listing did not use, by extension."""
     if not not_images and not loose:
@@ -230,9 +235,8 @@ def _group_by_class(files: Iterable[tuple[str, ...]], dirs: Iterable[tuple[str, 
     for f in files:  # parents implied by any file (zips need not list folders)
         for k in range(1, len(f)):
             all_dirs.add(f[:k])
-    extensions = image_extensions()
-    not_images = [f[-1] for f in files if _extension(f[-1]) not in extensions]
-    files = [f for f in files if _extension(f[-1]) in extensions]
+    not_images = [f[-1] for f in files if not _is_image_name(f[-1])]
+    files = [f for f in files if _is_image_name(f[-1])]
 
     prefix: tuple[str, ...] = ()
     while True:
