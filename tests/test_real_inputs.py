@@ -122,6 +122,20 @@ def test_damaged_exif_keeps_the_image_as_stored():
     assert out.shape == (16, 32, 3)
 
 
+def test_oversized_pictures_jpeg_scaled_others_refused_without_warnings(monkeypatch):
+    """Pillow warns (two lines) past MAX_IMAGE_PIXELS: 108-megapixel phone photos pass it. Here
+    the limit is lowered to 10,000 pixels and the pictures are 200x100 (warnings are errors
+    under this suite's pytest settings, so a warning would fail the test)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)
+    pic = np.repeat(np.repeat(upright(), 7, axis=0)[:100], 7, axis=1)[:, :200]
+    out = data.decode_image(encoded(pic, "JPEG"), "big.jpg", resolution=12)  # drafted to 25x13
+    assert out.shape == (13, 25, 3)
+    with pytest.raises(DataError) as err:
+        data.decode_image(encoded(pic, "PNG"), "big.png", resolution=12)
+    assert str(err.value) == ("big.png: 200x100 pixels, more than the 10000 Pillow decodes without a "
+                              "decompression-bomb warning; not decoded")
+
+
 def test_images_are_opened_only_by_decode_image():
     """One decoder for every reader: any other Image.open in the code would skip orientation."""
     hits = []
