@@ -323,7 +323,8 @@ class L2Normalize(Op):
 
 
 class CosineLogits(Op):
-    """Scaled cosine similarity of normalised embeddings to constant (normalised) prototypes."""
+    """Scaled cosine similarity of normalised embeddings to normalised prototypes: constants
+    (fine-tuning) or computed in the graph by ``class_mean`` (a meta-training episode)."""
 
     kind = "cosine_logits"
 
@@ -333,16 +334,63 @@ class CosineLogits(Op):
     def out_shape(self, node, shapes):
         return (shapes[0][0], shapes[1][0])
 
-    def saved(self, node, shapes, upd):
-        return {"protos": Keep(1)}
-
     def forward(self, node, out, ins, scratch, save):
         khead.cosine_logits_forward(out, ins[0], ins[1], self.scale)
 
+    def saved(self, node, shapes, upd):
+        # The embeddings are kept too when the prototypes take a gradient (computed in the graph).
+        return {"protos": Keep(1), "z": Keep(0)}
+
     def backward_input(self, node, dxs, dy, saved):
+        if dxs[0] is not None:
+            khead.cosine_logits_backward(dxs[0], dy, saved["protos"], self.scale)
         if dxs[1] is not None:
-            raise GraphError(f"{node.name}: prototypes are constants and take no gradient")
-        khead.cosine_logits_backward(dxs[0], dy, saved["protos"], self.scale)
+            khead.cosine_logits_backward_protos(dxs[1], dy, saved["z"], self.scale)
+
+
+class ClassMean(Op):
+    """Prototypes of a ProtoNet episode: the mean embedding of each class's support rows (the
+    first ``len(labels)`` rows of the input; the query rows after them are not read)."""
+
+    kind = "class_mean"
+
+    def __init__(self, ways: int):
+        self.ways = int(ways)
+
+    def out_shape(self, node, shapes):
+        return (self.ways, shapes[0][1])
+
+    def saved(self, node, shapes, upd):
+        return {"labels": Keep(1)}
+
+    def forward(self, node, out, ins, scratch, save):
+        khead.class_mean_forward(out, ins[0], ins[1])
+
+    def backward_input(self, node, dxs, dy, saved):
+        khead.class_mean_backward(dxs[0], dy, saved["labels"])
+
+
+class Rows(Op):
+    """Rows ``start:stop`` of a matrix (the query rows of an episode batch)."""
+
+    kind = "rows"
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = int(start), int(stop)
+
+    def out_shape(self, node, shapes):
+        if not 0 <= self.start < self.stop <= shapes[0][0]:
+            raise ValueError(f"rows {self.start}:{self.stop} of {shapes[0][0]}")
+        return (self.stop - self.start,) + tuple(shapes[0][1:])
+
+    def forward(self, node, out, ins, scratch, save):
+        np.copyto(out, ins[0][self.start:self.stop])
+
+    def backward_input(self, node, dxs, dy, saved):
+        dx = dxs[0]
+        dx[:self.start] = 0
+        np.copyto(dx[self.start:self.stop], dy)
+        dx[self.stop:] = 0
 
 
 class CrossEntropy(Op):
@@ -478,6 +526,18 @@ class Graph:
         if z.shape[1] != prototypes.shape[1]:
             raise GraphError(f"{name or 'cosine_logits'}: embeddings {z.shape} vs prototypes {prototypes.shape}")
         return self._add(CosineLogits(scale), [z, prototypes], name)
+
+    def class_mean(self, z, labels, ways, name=None):
+        """(ways, C) means of the support rows of z (N, C): row n < len(labels) is of class
+        labels[n] (int64); the rows after them are the query and are not read."""
+        _expect(name, z, 2, "class_mean")
+        if len(labels.shape) != 1 or labels.dtype != np.int64 or labels.shape[0] > z.shape[0]:
+            raise GraphError(f"{name or 'class_mean'}: labels must be int64 (S,) with S <= {z.shape[0]}, "
+                             f"got {labels.dtype} {labels.shape}")
+        return self._add(ClassMean(ways), [z, labels], name)
+
+    def rows(self, x, start, stop, name=None):
+        return self._add(Rows(start, stop), [x], name)
 
     def cross_entropy(self, logits, labels, name=None):
         if labels.shape != (logits.shape[0],) or labels.dtype != np.int64:

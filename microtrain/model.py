@@ -112,6 +112,26 @@ class Network:
         g.cross_entropy(logits, g.input("labels", (batch,), np.int64), name="loss")
         return g
 
+    def episode_graph(self, n_support: int, n_query: int, ways: int, scale: float) -> Graph:
+        """Backbone + a ProtoNet episode loss with the prototypes inside the graph: the
+        meta-training graph (paper Section 2.1, Appendix A.3; Snell et al. 2017).
+
+        Inputs: ``image`` (S + Q, 3, R, R) float32, the S support images first, then the Q
+        queries; ``support_labels`` int64 (S,) and ``query_labels`` int64 (Q,) in [0, ways), every
+        class among the support. Prototypes are the normalised class means of the normalised
+        support embeddings (as ``train.class_prototypes``), and the loss is the mean softmax
+        cross-entropy of the queries' scaled cosine logits; gradients flow through the
+        prototypes into the support images' embeddings too."""
+        g = Graph()
+        z = self.build_features(g, g.input("image", (n_support + n_query, 3, self.resolution, self.resolution)))
+        z = g.l2_normalize(z, name="normalize")
+        means = g.class_mean(z, g.input("support_labels", (n_support,), np.int64), ways, name="class_mean")
+        protos = g.l2_normalize(means, name="prototypes")
+        query = g.rows(z, n_support, n_support + n_query, name="query")
+        logits = g.cosine_logits(query, protos, scale, name="logits")
+        g.cross_entropy(logits, g.input("query_labels", (n_query,), np.int64), name="loss")
+        return g
+
     # -- inference -----------------------------------------------------------------------------------
     def features(self, x: np.ndarray, batch_size: int = 8, block_hook=None) -> np.ndarray:
         """Pooled embeddings (N, C) of images (N, 3, R, R) float32 in [-1, 1]. One forward-only

@@ -299,6 +299,11 @@ def test_head_matches_twin(data):
     close(dz2, R.cosine_logits_backward(d(dl), d(protos), scale),
           R.cosine_logits_backward(abs(d(dl)), abs(d(protos)), scale), Kc + 1)
 
+    dp = np.full_like(protos, np.nan)
+    K.cosine_logits_backward_protos(dp, dl, z, scale)
+    close(dp, R.cosine_logits_backward_protos(d(dl), d(z), scale),
+          R.cosine_logits_backward_protos(abs(d(dl)), abs(d(z)), scale), N + 1)
+
     labels = rng.integers(0, Kc, N).astype(np.int64)
     big = (f32(rng, N, Kc) * 30).astype(np.float32)         # large logits: stability matters
     probs = np.full_like(big, np.nan)
@@ -368,3 +373,37 @@ def test_read_only_inputs_are_accepted():
     out = np.empty((1, 4, 5, 5), np.float32)
     K.depthwise_forward(out, x, w, b, 1)
     close(out, R.depthwise_forward(d(x), d(w), d(b), 1), R.depthwise_forward(abs(d(x)), abs(d(w)), abs(d(b)), 1), 10)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_class_mean_matches_twin(data):
+    """Prototypes of an episode: support rows first (any class order, every class present),
+    query rows after them, which neither pass reads or writes to."""
+    Kc = data.draw(st.integers(1, 6), label="ways")
+    extra_support = data.draw(st.integers(0, 8), label="extra support rows")
+    n_query = data.draw(st.integers(0, 5), label="query rows")
+    D = data.draw(st.integers(1, 33), label="D")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    labels = rng.permutation(np.concatenate([np.arange(Kc), rng.integers(0, Kc, extra_support)])).astype(np.int64)
+    S = len(labels)
+    z = f32(rng, S + n_query, D)
+    protos = np.full((Kc, D), np.nan, np.float32)
+    K.class_mean_forward(protos, z, labels)
+    counts = np.bincount(labels, minlength=Kc)
+    close(protos, R.class_mean_forward(d(z), labels, Kc), R.class_mean_forward(abs(d(z)), labels, Kc),
+          int(counts.max()) + 1)
+
+    dp = f32(rng, Kc, D)
+    dz = np.full_like(z, np.nan)
+    K.class_mean_backward(dz, dp, labels)
+    np.testing.assert_allclose(dz, R.class_mean_backward(d(dp), labels, len(z)), rtol=2 * U, atol=0)
+    assert np.all(dz[S:] == 0)
+
+
+def test_class_mean_refuses_a_class_without_support():
+    z = np.ones((4, 3), np.float32)
+    with pytest.raises(K.KernelInputError, match=r"classes \[1\] have no support row"):
+        K.class_mean_forward(np.empty((3, 3), np.float32), z, np.array([0, 2, 0], np.int64))
+    with pytest.raises(K.KernelInputError, match="5 support labels for 4 rows"):
+        K.class_mean_backward(np.empty((4, 3), np.float32), np.ones((1, 3), np.float32), np.zeros(5, np.int64))

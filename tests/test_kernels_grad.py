@@ -216,6 +216,10 @@ def test_head_gradients(seed, N, D, Kc, scale):
     K.cosine_logits_backward(dz, ul, protos, scale)
     check(lambda a: R.cosine_logits_forward(a, d(protos), scale), d(z), rng.standard_normal(z.shape), d(ul), dz)
 
+    dp = np.empty_like(protos)
+    K.cosine_logits_backward_protos(dp, ul, z, scale)
+    check(lambda a: R.cosine_logits_forward(d(z), a, scale), d(protos), rng.standard_normal(protos.shape), d(ul), dp)
+
     logits = (rnd(rng, N, Kc) * 3).astype(np.float32)
     labels = rng.integers(0, Kc, N).astype(np.int64)
     probs = np.empty_like(logits)
@@ -224,6 +228,19 @@ def test_head_gradients(seed, N, D, Kc, scale):
     K.softmax_cross_entropy_backward(dl, probs, labels)
     check(lambda a: np.array([R.softmax_cross_entropy_forward(a, labels)[1]]), d(logits),
           rng.standard_normal(logits.shape), np.ones(1), dl)
+
+
+@SETTINGS
+@given(seed=seeds(), Kc=st.integers(1, 5), extra=st.integers(0, 6), n_query=st.integers(0, 4),
+       D=st.integers(1, 20))
+def test_class_mean_gradient(seed, Kc, extra, n_query, D):
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.concatenate([np.arange(Kc), rng.integers(0, Kc, extra)])).astype(np.int64)
+    z = rnd(rng, len(labels) + n_query, D)
+    u = rnd(rng, Kc, D)
+    dz = np.empty_like(z)
+    K.class_mean_backward(dz, u, labels)
+    check(lambda a: R.class_mean_forward(a, labels, Kc), d(z), rng.standard_normal(z.shape), d(u), dz)
 
 
 @pytest.mark.parametrize("s", [1, 2])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["MBConvBlock", "TorchMBConv", "build_torch_model", "load_arrays", "export_arrays",
-           "set_trainable", "prototype_logits", "prototype_loss"]
+           "set_trainable", "prototype_logits", "prototype_loss", "episode_loss"]
 
 
 def _conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
@@ -143,3 +143,16 @@ def prototype_loss(z: torch.Tensor, prototypes, labels, scale: float = 10.0,
     prototypes = torch.as_tensor(prototypes, dtype=z.dtype)
     labels = torch.as_tensor(labels, dtype=torch.int64)
     return F.cross_entropy(prototype_logits(z, prototypes, scale), labels, reduction=reduction)
+
+
+def episode_loss(z: torch.Tensor, support_labels, query_labels, ways: int, scale: float = 10.0) -> torch.Tensor:
+    """A ProtoNet episode's loss with the prototypes computed from the support embeddings (the
+    first ``len(support_labels)`` rows of z), gradients flowing through them: prototypes are the
+    normalised class means of the normalised support embeddings; the queries (the rest) are
+    classified by scaled cosine logits (microtrain's meta-training loss)."""
+    support_labels = torch.as_tensor(support_labels, dtype=torch.int64)
+    n_support = len(support_labels)
+    zn = F.normalize(z, dim=1, eps=1e-12)
+    means = torch.stack([zn[:n_support][support_labels == k].mean(dim=0) for k in range(ways)])
+    protos = F.normalize(means, dim=1, eps=1e-12)
+    return prototype_loss(zn[n_support:], protos, query_labels, scale)

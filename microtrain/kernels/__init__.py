@@ -21,8 +21,9 @@ from .elementwise import (
     relu6_forward_save_mask, upsample_nearest_backward, upsample_nearest_forward,
 )
 from .head import (
-    cosine_logits_backward, cosine_logits_forward, l2_normalize_backward, l2_normalize_forward,
-    softmax_cross_entropy_backward, softmax_cross_entropy_forward,
+    class_mean_backward, class_mean_forward, cosine_logits_backward, cosine_logits_backward_protos,
+    cosine_logits_forward, l2_normalize_backward, l2_normalize_forward, softmax_cross_entropy_backward,
+    softmax_cross_entropy_forward,
 )
 from .pointwise import (
     linear_backward_input, linear_backward_weight, linear_forward, pointwise_backward_input,
@@ -41,5 +42,6 @@ __all__ = [
     "avg_pool_forward", "avg_pool_backward", "upsample_nearest_forward",
     "upsample_nearest_backward",
     "l2_normalize_forward", "l2_normalize_backward", "cosine_logits_forward",
-    "cosine_logits_backward", "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
+    "cosine_logits_backward", "cosine_logits_backward_protos", "class_mean_forward",
+    "class_mean_backward", "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
 ]

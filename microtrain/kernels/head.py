@@ -1,5 +1,6 @@
-"""The prototype (cosine) classifier head: L2 row normalisation, scaled cosine logits against
-fixed class prototypes, and softmax cross-entropy.
+"""The prototype (cosine) classifier head: L2 row normalisation, class means of support
+embeddings (the prototypes of a ProtoNet episode), scaled cosine logits against prototypes, and
+softmax cross-entropy.
 
 Shapes: embeddings (N, D), prototypes (K, D), logits (N, K), labels int64 (N,).
 """
@@ -15,7 +16,8 @@ from ._jit import (
 
 __all__ = [
     "l2_normalize_forward", "l2_normalize_backward", "cosine_logits_forward",
-    "cosine_logits_backward", "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
+    "cosine_logits_backward", "cosine_logits_backward_protos", "class_mean_forward",
+    "class_mean_backward", "softmax_cross_entropy_forward", "softmax_cross_entropy_backward",
 ]
 
 EPS = 1e-12  # the norm is clamped to at least this (as torch.nn.functional.normalize does)
@@ -144,9 +146,117 @@ def cosine_logits_backward(dz, dlogits, protos, scale):
     _cosine_logits_backward(dz, dlogits, protos, float(scale))
 
 
+@kernel(void(f32_2, f32_2r, f32_2r, f64))
+def _cosine_logits_backward_protos(dprotos, dlogits, z, scale):  # pragma: no cover - compiled
+    N, K = dlogits.shape
+    D = z.shape[1]
+    s32 = np.float32(scale)
+    # dprotos[k] = scale * sum_n dlogits[n, k] z[n]: contiguous axpys along D
+    for k in range(K):
+        for d in range(D):
+            dprotos[k, d] = 0.0
+    for n in range(N):
+        for k in range(K):
+            g = s32 * dlogits[n, k]
+            for d in range(D):
+                dprotos[k, d] += g * z[n, d]
+
+
+def cosine_logits_backward_protos(dprotos, dlogits, z, scale):
+    """dprotos of cosine_logits_forward, for prototypes computed inside the graph (a ProtoNet
+    episode in meta-training). OVERWRITES dprotos. dprotos (K, D); dlogits (N, K); z (N, D)."""
+    op = "cosine_logits_backward_protos"
+    array(op, "dprotos", dprotos, 2, writable=True)
+    array(op, "dlogits", dlogits, 2)
+    array(op, "z", z, 2)
+    _check_scale(op, scale)
+    if dprotos.shape[1] != z.shape[1]:
+        fail(op, f"dprotos {dprotos.shape} and z {z.shape} disagree on the embedding size")
+    shape_is(op, "dlogits", dlogits, (z.shape[0], dprotos.shape[0]), "N of z, K of dprotos")
+    _cosine_logits_backward_protos(dprotos, dlogits, z, float(scale))
+
+
 def _check_scale(op, scale):
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
         fail(op, f"scale must be a real number, got {type(scale).__name__}")
+
+
+# --------------------------------------------------------------------------- class means
+@kernel(void(f32_2, f32_2r, i64_1r))
+def _class_mean_forward(protos, z, labels):  # pragma: no cover - compiled
+    K, D = protos.shape
+    S = labels.shape[0]
+    # per class: sum its support rows (contiguous adds along D), then divide by their count
+    for k in range(K):
+        for d in range(D):
+            protos[k, d] = 0.0
+        count = 0
+        for n in range(S):
+            if labels[n] == k:
+                count += 1
+                for d in range(D):
+                    protos[k, d] += z[n, d]
+        inv = np.float32(1.0 / count)
+        for d in range(D):
+            protos[k, d] *= inv
+
+
+def class_mean_forward(protos, z, labels):
+    """protos[k] = mean of z[n] over the support rows n < len(labels) with labels[n] == k: the
+    class prototypes of a ProtoNet episode (Snell et al. 2017; TinyTrain Section 2.1). Rows of z
+    from len(labels) on (the query) are not read. OVERWRITES protos.
+    protos (K, D) float32; z (N, D) float32 with N >= len(labels); labels int64 (S,) in [0, K),
+    every class present at least once (raises KernelInputError otherwise)."""
+    op = "class_mean_forward"
+    array(op, "z", z, 2)
+    array(op, "protos", protos, 2, writable=True)
+    _check_class_labels(op, labels, protos.shape[0], z.shape[0])
+    if protos.shape[1] != z.shape[1]:
+        fail(op, f"protos {protos.shape} and z {z.shape} disagree on the embedding size")
+    _class_mean_forward(protos, z, labels)
+
+
+@kernel(void(f32_2, f32_2r, i64_1r))
+def _class_mean_backward(dz, dprotos, labels):  # pragma: no cover - compiled
+    N, D = dz.shape
+    K = dprotos.shape[0]
+    S = labels.shape[0]
+    # per class: a support row receives the class's gradient over the class size
+    for k in range(K):
+        count = 0
+        for n in range(S):
+            if labels[n] == k:
+                count += 1
+        inv = np.float32(1.0 / count)
+        for n in range(S):
+            if labels[n] == k:
+                for d in range(D):
+                    dz[n, d] = dprotos[k, d] * inv
+    # query rows (after the support) take no gradient from the prototypes
+    for n in range(S, N):
+        for d in range(D):
+            dz[n, d] = 0.0
+
+
+def class_mean_backward(dz, dprotos, labels):
+    """dz of class_mean_forward: dz[n] = dprotos[labels[n]] / |class labels[n]| for n < S, and 0
+    for the rows after the support. OVERWRITES dz. dz (N, D); dprotos (K, D); labels int64 (S,)."""
+    op = "class_mean_backward"
+    array(op, "dz", dz, 2, writable=True)
+    array(op, "dprotos", dprotos, 2)
+    _check_class_labels(op, labels, dprotos.shape[0], dz.shape[0])
+    if dprotos.shape[1] != dz.shape[1]:
+        fail(op, f"dprotos {dprotos.shape} and dz {dz.shape} disagree on the embedding size")
+    _class_mean_backward(dz, dprotos, labels)
+
+
+def _check_class_labels(op, labels, K, N):
+    indices(op, "labels", labels, K, "classes")
+    if len(labels) > N:
+        fail(op, f"{len(labels)} support labels for {N} rows")
+    missing = np.setdiff1d(np.arange(K), labels)
+    if len(missing):
+        fail(op, f"classes {missing[:5].tolist()} have no support row: every prototype needs one")
 
 
 # --------------------------------------------------------------------------- softmax cross-entropy

@@ -184,6 +184,21 @@ def cosine_logits_backward(dlogits, protos, scale):
     return scale * dlogits @ protos
 
 
+def cosine_logits_backward_protos(dlogits, z, scale):
+    return scale * dlogits.T @ z
+
+
+def class_mean_forward(z, labels, ways):
+    return np.stack([z[: len(labels)][labels == k].mean(axis=0) for k in range(ways)])
+
+
+def class_mean_backward(dprotos, labels, n_rows):
+    counts = np.bincount(labels, minlength=len(dprotos))
+    dz = np.zeros((n_rows, dprotos.shape[1]))
+    dz[: len(labels)] = dprotos[labels] / counts[labels][:, None]
+    return dz
+
+
 def softmax_cross_entropy_forward(logits, labels):
     """(probs, mean loss)."""
     shifted = logits - logits.max(axis=1, keepdims=True)
