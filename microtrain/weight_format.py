@@ -27,7 +27,7 @@ _SOURCE_KINDS = ("int8-dict", "torch-state-dict")
 
 def validate_arch(arch) -> None:
     """Raise ``CheckpointError`` unless ``arch`` is a well-formed architecture dict."""
-    check_keys(arch, _ARCH_KEYS, ("lite_residual",), "arch")
+    check_keys(arch, _ARCH_KEYS, ("lite_residual", "meta_training"), "arch")
     if not isinstance(arch["name"], str) or not arch["name"]:
         raise CheckpointError("'arch.name' must be a non-empty string")
     pos_int(arch["resolution"], "arch.resolution")
@@ -60,6 +60,8 @@ def validate_arch(arch) -> None:
     check_keys(src, ("file", "sha256", "kind"), (), "arch.source")
     if not isinstance(src["file"], str) or not isinstance(src["sha256"], str) or src["kind"] not in _SOURCE_KINDS:
         raise CheckpointError(f"'arch.source' must name a file, its sha256 and a kind in {_SOURCE_KINDS}")
+    if not isinstance(arch.get("meta_training", {}), dict):  # provenance of a meta-trained backbone
+        raise CheckpointError("'arch.meta_training' must be an object")
     lite = arch.get("lite_residual")
     if lite is not None:  # TinyTL's branches, saved with a network adapted by that method
         check_keys(lite, ("downsample", "expand", "groups", "max_kernel"), (), "arch.lite_residual")
