@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import model
-from .checkpoint import CheckpointError, ensure_converted
+from .checkpoint import CheckpointError, backbone_file
 from .data import DataError, open_dataset
 from .episodes import EpisodeImages, from_folders, sample_episode, sample_metadataset_episode
 from .methods import METHODS, Budgets
@@ -114,7 +114,7 @@ def _resolve_model(spec: str):
         if not path.is_file():
             raise UsageError(f"weight file {spec} not found")
         return model.load(path)
-    return model.load(ensure_converted(spec))
+    return model.load(backbone_file(spec))
 
 
 def _load_episode(args, resolution: int):

@@ -29,14 +29,20 @@ import numpy as np
 
 from .checks import CheckpointError
 from .layouts import assemble, from_int8_dict, from_state_dict
-from .paths import WEIGHTS_DIR, MissingSharedError, shared_file
+from .paths import REPO_ROOT, WEIGHTS_DIR, MissingSharedError, shared_file
 from .torch_archive import unpickle_archive
 from .weight_format import FORMAT_VERSION, load_weights, save_weights, stored_stamp
 
-__all__ = ["SHARED_CHECKPOINTS", "CheckpointError", "ensure_converted", "find_state_dict", "load_weights",
-           "read_checkpoint", "read_net_config", "save_weights", "strip_key_prefix"]
+__all__ = ["SHARED_CHECKPOINTS", "META_TRAINED", "CheckpointError", "backbone_file", "ensure_converted",
+           "find_state_dict", "load_weights", "read_checkpoint", "read_net_config", "save_weights",
+           "strip_key_prefix"]
 
 SHARED_CHECKPOINTS = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
+# The project's own meta-trained versions (``python -m microtrain.metatrain``), committed in the
+# repository's weights/ folder with their provenance (weights/README.md).
+META_TRAINED = tuple(f"{name}-meta" for name in SHARED_CHECKPOINTS)
+META_DIR = REPO_ROOT / "weights"
+BACKBONES = SHARED_CHECKPOINTS + META_TRAINED
 
 # The top-level modules of the MCUNet / once-for-all family: where a state_dict key's own name
 # starts, whatever prefix a training framework put in front of it.
@@ -240,3 +246,20 @@ def ensure_converted(name: str, weights_dir=None) -> Path:
     arch, arrays = read_checkpoint(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_weights(out, arch, arrays)
+
+
+def backbone_file(name: str) -> Path:
+    """Path of a named backbone's weight file: a shared ImageNet backbone (``mcunet-5fps``, ...,
+    converted on first use by ``ensure_converted``) or its meta-trained version (``mcunet-5fps-meta``,
+    ..., in the repository's weights/ folder). Raises ``CheckpointError`` for an unknown name or a
+    meta-trained file that is not there (it ships with the source checkout), and
+    ``paths.MissingSharedError`` when a shared checkpoint is needed and absent."""
+    if name in META_TRAINED:
+        path = META_DIR / f"{name}.npz"
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found: the meta-trained backbones ship with the source checkout "
+                                  f"(weights/); pass a weight file's path, or regenerate it (weights/README.md)")
+        return path
+    if name not in SHARED_CHECKPOINTS:
+        raise CheckpointError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
+    return ensure_converted(name)

@@ -1,6 +1,6 @@
 """Print what a weight file holds: per-layer shapes and costs, per-kind and total counts.
 
-    python -m microtrain.summary WEIGHTS [--json]
+    python -m microtrain.summary WEIGHTS|BACKBONE [--json]
 
 Counts come from ``architecture.layer_specs`` (the layers the engine builds) at the file's resolution:
 conv weights exclude biases and the ImageNet classifier, MACs are the forward pass at batch 1,
@@ -13,7 +13,9 @@ import json
 import sys
 
 from .architecture import embedding_channels, layer_specs
+from .checkpoint import BACKBONES, backbone_file
 from .checks import CheckpointError
+from .paths import MissingSharedError
 from .weight_format import load_weights
 
 KINDS = ("conv", "pointwise", "depthwise")
@@ -40,6 +42,7 @@ def summarize(arch: dict, arrays: dict) -> dict:
                                                        "params": int(classifier.size + arrays["classifier.bias"].size)},
         "lite_residual": None if not lite else {"settings": arch["lite_residual"], "branches": len(lite) // 4,
                                                 "params": int(sum(v.size for v in lite.values()))},
+        "meta_training": arch.get("meta_training"),
         "layers": rows,
         "by_kind": by_kind,
         "totals": {"convs": len(rows), "weights": sum(r["weights"] for r in rows),
@@ -65,6 +68,12 @@ def format_text(s: dict) -> str:
     lines.append(f"(plus {t['biases']:,} conv biases"
                  + (f"; classifier {s['classifier']['classes']} classes, {s['classifier']['params']:,} params, not counted)"
                     if s["classifier"] else ")"))
+    meta = s["meta_training"]
+    if meta:
+        val = meta["meta_validation"]
+        lines.append(f"(meta-trained from {meta['base']['name']}: {meta['episodes']:,} MiniImageNet episodes, "
+                     f"best at {meta['best_episode']:,}; meta-validation {val['before']['accuracy']:.2f}% -> "
+                     f"{val['best']['accuracy']:.2f}%)")
     if s["lite_residual"]:
         lite = s["lite_residual"]
         lines.append(f"(adapted with TinyTL: {lite['branches']} lite residual branches, {lite['params']:,} params, "
@@ -74,12 +83,13 @@ def format_text(s: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    parser.add_argument("weights", help="a weight file (.npz) from tools/convert_ckpt.py")
+    parser.add_argument("weights", help=f"a weight file (.npz) or a backbone name ({', '.join(BACKBONES)})")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     try:
-        arch, arrays = load_weights(args.weights)
-    except CheckpointError as exc:
+        path = backbone_file(args.weights) if args.weights in BACKBONES else args.weights
+        arch, arrays = load_weights(path)
+    except (CheckpointError, MissingSharedError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     s = summarize(arch, arrays)

@@ -171,3 +171,23 @@ def test_a_state_file_of_other_settings_is_refused(source, tmp_path, capsys):
     assert mt.main(argv(source, out)) == 0
     assert mt.main(argv(source, out, "--lr", "0.01")) == 2
     assert "other settings" in capsys.readouterr().err
+
+
+def test_meta_trained_backbones_are_named_in_every_front_door(tmp_path, monkeypatch, capsys):
+    """``mcunet-5fps-meta`` (etc.) resolve to the committed files in weights/; a missing one is a
+    one-line error that says where they come from."""
+    from microtrain import checkpoint, summary
+    from microtrain.adapt import _resolve_model
+
+    arch = {**small_arch(), "source": {"file": "tiny.pth", "sha256": "0" * 64, "kind": "torch-state-dict"},
+            "meta_training": {"base": {"name": "tiny"}, "episodes": 8, "best_episode": 4,
+                              "meta_validation": {"before": {"accuracy": 50.0}, "best": {"accuracy": 61.5}}}}
+    monkeypatch.setattr(checkpoint, "META_DIR", tmp_path)
+    save_weights(tmp_path / "mcunet-5fps-meta.npz", arch, random_arrays(arch))
+    assert checkpoint.backbone_file("mcunet-5fps-meta") == tmp_path / "mcunet-5fps-meta.npz"
+    assert _resolve_model("mcunet-5fps-meta").arch["meta_training"]["episodes"] == 8
+    assert summary.main(["mcunet-5fps-meta"]) == 0
+    assert "50.00% -> 61.50%" in capsys.readouterr().out
+    assert summary.main(["mbv2-w0.35-meta"]) == 2
+    err = capsys.readouterr().err
+    assert "ship with the source checkout" in err and err.count("\n") == 1

@@ -57,7 +57,10 @@ DOMAINS = {
     "tinyimagenet": ("tinyimagenet.zip", "Tiny-ImageNet (in-domain)", True),
 }
 DEFAULT_DOMAINS = ("traffic_sign", "omniglot", "flowers", "dtd", "quickdraw")
-BACKBONES = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
+# the shared backbones and their meta-trained versions (microtrain.checkpoint.BACKBONES, not imported
+# here: see above)
+BACKBONES = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3", "mcunet-5fps-meta", "mbv2-w0.35-meta",
+             "proxyless-w0.3-meta")
 REFERENCE = "tinytrain"  # Table 2's ratios and the improvement column are relative to it
 BASELINE = "none"
 
@@ -208,7 +211,7 @@ def resolve_domain(spec: str) -> tuple[str, str, str]:
 def resolve_backbone(spec: str):
     """(key, weight file path, network) of a --backbones entry; converts a shared one on first use."""
     from microtrain.adapt import UsageError as AdaptUsageError, _resolve_model
-    from microtrain.checkpoint import ensure_converted
+    from microtrain.checkpoint import backbone_file
 
     path = Path(spec)
     if path.suffix == ".npz":
@@ -219,7 +222,7 @@ def resolve_backbone(spec: str):
         return _key(path.stem), str(path.resolve()), net
     if spec not in BACKBONES:
         raise UsageError(f"unknown backbone {spec!r}: use one of {', '.join(BACKBONES)} or a .npz weight file")
-    weights = ensure_converted(spec)
+    weights = backbone_file(spec)
     return spec, str(weights), _resolve_model(str(weights))
 
 
