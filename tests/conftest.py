@@ -1,6 +1,8 @@
 """Shared test helpers: small random MBConv architectures and networks."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import strategies as st
@@ -34,6 +36,26 @@ def small_arch(resolution: int = 16, blocks=None) -> dict:
 def small_net(seed: int = 0, **kw) -> Network:
     arch = small_arch(**kw)
     return Network(arch, random_arrays(arch, seed))
+
+
+def grid_inputs(root: Path) -> tuple[Path, Path]:
+    """The evaluation grid's tiny inputs in ``root``: a 16x16 random MBConv net as a weight file
+    (tiny.npz) and a 6-class .npz dataset of 28x28 grey uint8 images, 8 per class (toy.npz)."""
+    from microtrain.checkpoint import save_weights
+
+    arch = small_arch(resolution=16)
+    arch["source"] = {"file": "random", "sha256": "0" * 64, "kind": "torch-state-dict"}
+    weights = save_weights(Path(root) / "tiny.npz", arch, random_arrays(arch, seed=3))
+    rng = np.random.default_rng(0)
+    x, y = [], []
+    for c in range(6):
+        base = rng.integers(0, 256, (28, 28))
+        for _ in range(8):
+            x.append(np.clip(base + rng.normal(0, 60, (28, 28)), 0, 255).astype(np.uint8))
+            y.append(c)
+    data = Path(root) / "toy.npz"
+    np.savez(data, x=np.stack(x), y=np.array(y, dtype=np.int64))
+    return weights, data
 
 
 @st.composite

@@ -1,7 +1,7 @@
-"""tools/evaluate.py on a tiny random backbone and a tiny .npz dataset (no shared folder needed)."""
+"""The evaluation grid (python -m microtrain.evaluate; tools/evaluate.py is its alias) on a tiny
+random backbone and a tiny .npz dataset (no shared folder needed)."""
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -13,35 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from microtrain.train import FinetuneConfig
-
-from conftest import random_arrays, small_arch
+from conftest import grid_inputs
+from microtrain import evaluate, evaluation
 from microtrain.adapt import _resolve_model
-from microtrain.checkpoint import save_weights
+from microtrain.evaluation_report import _label_offsets, t_quantile
+from microtrain.train import FinetuneConfig
 
 REPO = Path(__file__).resolve().parent.parent
 TOOL = REPO / "tools" / "evaluate.py"
-sys.path.insert(0, str(TOOL.parent))  # spawned workers find the module the same way
-evaluate = importlib.import_module("evaluate")
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
     """A 16x16 random MBConv net as a weight file, and a 6-class .npz dataset of 28x28 images."""
-    root = tmp_path_factory.mktemp("eval_inputs")
-    arch = small_arch(resolution=16)
-    arch["source"] = {"file": "random", "sha256": "0" * 64, "kind": "torch-state-dict"}
-    weights = save_weights(root / "tiny.npz", arch, random_arrays(arch, seed=3))
-    rng = np.random.default_rng(0)
-    x, y = [], []
-    for c in range(6):
-        base = rng.integers(0, 256, (28, 28))
-        for _ in range(8):
-            x.append(np.clip(base + rng.normal(0, 60, (28, 28)), 0, 255).astype(np.uint8))
-            y.append(c)
-    data = root / "toy.npz"
-    np.savez(data, x=np.stack(x), y=np.array(y, dtype=np.int64))
-    return weights, data
+    return grid_inputs(tmp_path_factory.mktemp("eval_inputs"))
 
 
 def args(weights, data, out, *extra, methods="none,tinytrain,sparseupdate", workers="1"):
@@ -99,7 +84,8 @@ def test_run_records_reports_and_resumes(inputs, tmp_path, capsys):
                                                                "tinytrain − none"]
     for method, cell in (("none", cells[1]), ("tinytrain", cells[3])):
         acc = [rec[(method, s)]["accuracy_after"] for s in (0, 1)]
-        mean, half = 100 * np.mean(acc), 100 * 1.96 * np.std(acc, ddof=1) / math.sqrt(2)
+        # Student's t, 97.5% quantile at 1 degree of freedom (tables: 12.706), not the normal 1.96
+        mean, half = 100 * np.mean(acc), 100 * 12.706205 * np.std(acc, ddof=1) / math.sqrt(2)
         assert cell == f"{mean:.1f} ± {half:.1f}"
     assert cells[2] == "– (2 failed)"
     gain = [rec[("tinytrain", s)]["accuracy_after"] - rec[("none", s)]["accuracy_after"] for s in (0, 1)]
@@ -152,10 +138,10 @@ def test_interrupt_keeps_finished_tasks_only(inputs, tmp_path):
     """Ctrl-C during a pooled run: exit 130, finished episodes intact, no partial file; a rerun resumes."""
     weights, data = inputs
     out = tmp_path / "eval"
-    cmd = [sys.executable, str(TOOL), *args(weights, data, out, methods="none,tinytrain")]
+    cmd = [sys.executable, "-m", "microtrain.evaluate", *args(weights, data, out, methods="none,tinytrain")]
     cmd[cmd.index("--episodes") + 1] = "30"
     cmd[cmd.index("--epochs") + 1] = "40"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         while "[ 1/60]" not in proc.stdout.readline():
             assert proc.poll() is None, proc.stderr.read()
@@ -174,7 +160,8 @@ def test_interrupt_keeps_finished_tasks_only(inputs, tmp_path):
     for pid in workers:  # the workers ended with the run
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
-    cmd[cmd.index("--episodes") + 1] = "1"  # resume a part: episode 0 of each method
+    cmd[cmd.index("--episodes") + 1] = "1"  # resume a part: episode 0 of each method, through the old alias
+    cmd[1:3] = [str(TOOL)]
     result = subprocess.run(cmd + ["--no-report"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     seed0 = {out / "episodes/tiny/toy" / m / "0.json" for m in ("none", "tinytrain")}
@@ -212,9 +199,9 @@ def test_report_needs_a_run(tmp_path, capsys):
 
 
 def test_seeds_round_trip():
-    assert evaluate.parse_seeds("0-4,10,12-13,3") == [0, 1, 2, 3, 4, 10, 12, 13]
-    assert evaluate.format_seeds([0, 1, 2, 3, 4, 10, 12, 13]) == "0-4,10,12-13"
-    assert evaluate.parse_seeds("7") == [7]
+    assert evaluation.parse_seeds("0-4,10,12-13,3") == [0, 1, 2, 3, 4, 10, 12, 13]
+    assert evaluation.format_seeds([0, 1, 2, 3, 4, 10, 12, 13]) == "0-4,10,12-13"
+    assert evaluation.parse_seeds("7") == [7]
 
 
 def test_help_documents_the_options(capsys):
@@ -230,8 +217,35 @@ def test_help_documents_the_options(capsys):
 def test_figure_labels_of_coinciding_methods_are_stacked():
     points = [("tinytrain", 3.37e6, 76.2), ("tinytrain-l2", 3.37e6, 76.5), ("tinytrain-fisher", 3.10e6, 76.6),
               ("tinytrain-random", 3.37e6, 76.1), ("sparseupdate", 12.3e6, 80.4), ("fulltrain", 43e6, 74.8)]
-    dy = evaluate._label_offsets(points)
+    dy = _label_offsets(points)
     assert dy["sparseupdate"] == dy["fulltrain"] == 0.0
     stacked = sorted(["tinytrain", "tinytrain-l2", "tinytrain-fisher", "tinytrain-random"], key=lambda m: -dy[m])
     assert stacked == ["tinytrain-fisher", "tinytrain-l2", "tinytrain", "tinytrain-random"]  # best on top
     assert sum(dy[m] for m in stacked) == 0.0 and min(dy[a] - dy[b] for a, b in zip(stacked, stacked[1:])) >= 22
+
+
+def test_student_t_quantiles():
+    # two-sided 95% and 99% points from printed tables (3 decimals), and the normal limit
+    for df, t95, t99 in ((1, 12.706, 63.657), (2, 4.303, 9.925), (4, 2.776, 4.604), (9, 2.262, 3.250),
+                         (24, 2.064, 2.797), (120, 1.980, 2.617)):
+        assert round(t_quantile(0.95, df), 3) == t95 and round(t_quantile(0.99, df), 3) == t99
+    assert 1.959 < t_quantile(0.95, 5000) < 1.961
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in (1, 2, 3, 7, 30, 199):
+        assert t_quantile(0.95, df) == pytest.approx(scipy_stats.t.ppf(0.975, df), rel=1e-12)
+
+
+def test_a_worker_refuses_files_that_differ_from_the_clients(inputs, tmp_path):
+    weights, data = inputs
+    ns = evaluate.parse_args(args(weights, data, tmp_path / "o"))
+    tasks, _ = evaluation.plan_grid(tmp_path / "o", ["none"], [str(data)], [str(weights)], [0], evaluation.settings_of(ns))
+    good = evaluation.run_task(tasks[0])
+    assert "error" not in good and good["data_sha256"] == evaluation.file_sha256(data)
+    copy = tmp_path / "toy.npz"
+    raw = data.read_bytes()
+    copy.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))  # the task's hash, other bytes on "this worker"
+    record = evaluation.run_task({**tasks[0], "data": str(copy)})
+    assert record["error"].startswith("InputMismatch: data file ") and "refusing to compute on other data" in record["error"]
+    assert "accuracy_after" not in record
+    record = evaluation.run_task({**tasks[0], "weights": str(tmp_path / "absent.npz")})
+    assert "cannot be read" in record["error"] and "same paths" in record["error"]

@@ -1,0 +1,155 @@
+"""Evaluate on-device training methods over many few-shot episodes: the paper's Table 1, Table 2
+and Figure 1 on the shared data or your own.
+
+    python -m microtrain.evaluate run [--methods none,tinytrain] [--domains traffic_sign,omniglot]
+                                      [--backbones mcunet-5fps] [--episodes 10 | --seeds 0-9]
+                                      [--workers 2 | --scheduler tcp://HOST:8786] [--out runs/eval]
+    python -m microtrain.evaluate report [--out runs/eval]
+
+``run`` adapts every (backbone, domain, episode seed, method) not finished in ``--out`` yet, one
+record per task in ``OUT/episodes/<backbone>/<domain>/<method>/<seed>.json`` (written as each
+task finishes: a rerun resumes, Ctrl-C keeps finished tasks), then writes the report. A task
+that fails (training diverged, a budget that cannot be met, ...) is recorded with an ``error``
+and the run goes on. Tasks run on ``--workers`` local processes (spawned, single-threaded:
+N workers use N cores) or, with ``--scheduler``, on a Dask cluster (``pip install -e
+'.[cluster]'``; see ``microtrain.cluster``). ``report`` (also run at the end of ``run``) rewrites
+``OUT/results.json``, ``OUT/report.md`` and the figures from the episode files.
+
+The grid itself is ``microtrain.evaluation``, the report ``microtrain.evaluation_report``. Bad
+options: one line on stderr, exit status 2. Ctrl-C: exit status 130.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .evaluation import (BACKBONES, DEFAULT_DOMAINS, DOMAINS, PROG, GridError, add_settings_options, duration,
+                         execute, parse_seeds, plan_grid, settings_of, split_list)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of argparse's usage + message
+        raise GridError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .methods import METHODS
+
+    p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=f"Options of each command: {PROG} run --help, {PROG} report --help.\n"
+                       "A run exits with status 0 also when some tasks failed: they are recorded, listed in\n"
+                       "the report, and rerun by --retry-errors.")
+    sub = p.add_subparsers(dest="command", metavar="{run,report}", parser_class=_Parser)
+    r = sub.add_parser("run", help="adapt every (backbone, domain, episode, method), then write the report "
+                                   "(the default command)",
+                       description="Adapt every (backbone, domain, episode seed, method) not done yet in --out, "
+                                   "one JSON per task, then write the report.")
+    g = r.add_argument_group("what to evaluate")
+    g.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma list from {', '.join(METHODS)} (default: all)")
+    g.add_argument("--domains", default=",".join(DEFAULT_DOMAINS),
+                   help="comma list of shared domains (" + ", ".join(DOMAINS) + ") or paths to a dataset "
+                        "(class-per-folder directory, .zip of one, or .npz with x, y[, names]); a path is "
+                        "named by its file stem. Default: the five target domains " + ",".join(DEFAULT_DOMAINS)
+                        + " (tinyimagenet is an in-domain control, kept out of the averages)")
+    g.add_argument("--backbones", default="mcunet-5fps",
+                   help=f"comma list of shared backbones ({', '.join(BACKBONES)}; converted on first use) or "
+                        "microtrain weight files (.npz, named by their stem). Default: %(default)s")
+    seeds = g.add_mutually_exclusive_group()
+    seeds.add_argument("--episodes", type=int, help="episodes per domain, seeds 0..N-1 (default 10)")
+    seeds.add_argument("--seeds", help="episode seeds instead: 'a-b' (inclusive), or a comma list of seeds "
+                                       "and ranges, e.g. 0-4,10")
+    add_settings_options(r)
+    g = r.add_argument_group("execution and output")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int,
+                       help="local worker processes, one core each (default 2); 0 runs the tasks in this "
+                            "process (debugging)")
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="run the tasks on a Dask cluster instead: the scheduler's address (tcp://HOST:8786) or "
+                            "the file `dask scheduler --scheduler-file` wrote (.json). Workers need microtrain "
+                            "and the data and weight files at the same paths; records come back here")
+    g.add_argument("--retry-errors", action="store_true",
+                   help="also rerun tasks recorded with an error (by default every task with a file is done)")
+    g.add_argument("--out", default="runs/eval", help="output folder (default %(default)s)")
+    g.add_argument("--no-report", action="store_true", help="do not write the report at the end")
+
+    rep = sub.add_parser("report", help="(re)write results.json, report.md and the figures from the episode files",
+                         description="Read OUT/episodes/**.json and write OUT/results.json, OUT/report.md and "
+                                     "OUT/figure1_<backbone>.png.")
+    rep.add_argument("--out", default="runs/eval", help="the folder a run wrote (default %(default)s)")
+    return p
+
+
+def parse_args(argv):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("run", "report", "-h", "--help"):
+        argv = ["run", *argv]  # run is the default command
+    return build_parser().parse_args(argv)
+
+
+def cmd_run(args, argv: list[str]) -> int:
+    from .evaluation_report import write_report
+
+    if args.seeds is not None:
+        seeds = parse_seeds(args.seeds)
+    else:
+        n = 10 if args.episodes is None else args.episodes
+        if n < 1:
+            raise GridError("--episodes must be >= 1")
+        seeds = list(range(n))
+    workers = 2 if args.workers is None else args.workers
+    if workers < 0:
+        raise GridError("--workers must be >= 0")
+    settings = settings_of(args)
+    out = Path(args.out)
+    tasks, skipped = plan_grid(out, split_list(args.methods, "methods"), split_list(args.domains, "domains"),
+                               split_list(args.backbones, "backbones"), seeds, settings, args.retry_errors,
+                               [PROG, *argv])
+    n = {k: len({t[k] for t in tasks}) for k in ("backbone", "domain", "seed", "method")}
+    where = (f" on the Dask cluster at {args.scheduler}" if args.scheduler else
+             f" on {workers} worker process(es)" if workers else " in this process")
+    print(f"{len(tasks) + skipped} tasks: {skipped} already in {out}, {len(tasks)} to run" + where
+          + (f" ({n['backbone']} backbone(s) x {n['domain']} domain(s) x {n['seed']} episode(s) x "
+             f"{n['method']} method(s))" if tasks else ""), flush=True)
+    if tasks:
+        start = time.perf_counter()
+        finished, failed = execute(tasks, out, workers, args.scheduler)
+        print(f"finished {finished} task(s) in {duration(time.perf_counter() - start)}"
+              + (f"; {failed} failed (recorded with an error; --retry-errors reruns them)" if failed else ""),
+              flush=True)
+    if not args.no_report:
+        write_report(out)
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+        from .adapt import UsageError
+        from .checkpoint import CheckpointError
+        from .data import DataError
+        from .paths import MissingSharedError
+
+        try:
+            if args.command == "report":
+                from .evaluation_report import write_report
+
+                write_report(Path(args.out))
+                return 0
+            return cmd_run(args, argv)
+        except (UsageError, DataError, CheckpointError, MissingSharedError) as exc:
+            raise GridError(str(exc)) from None
+    except GridError as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished episodes are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,607 @@
+"""The evaluation grid as a library: settings, the task list, one adaptation per task, resuming.
+
+A grid is every (backbone, domain, episode seed, method). One **task** is one adaptation with
+``microtrain.pipeline.adapt_episode`` (the function behind ``python -m microtrain.adapt``) and
+gives one **record** (a JSON-ready dict); an episode depends only on (domain, seed), so every
+method sees the same episodes. The client writes each record to
+``OUT/episodes/<backbone>/<domain>/<method>/<seed>.json`` (temporary file, then rename) as soon as
+it arrives, so a rerun skips finished tasks, Ctrl-C keeps them, and a task that fails is a
+record with an ``error`` field, not the end of the run. ``OUT/config.json`` holds the settings;
+a rerun with other settings into the same folder is refused.
+
+Tasks run in a local pool of spawned processes (``run_pool``; no dependency beyond the device's)
+or on a Dask cluster (``microtrain.cluster``, optional). Both call ``run_task``, which first
+checks that the data and weight files it opens have the SHA-256 the client computed, so a worker
+refuses to compute on other data. The command line is ``python -m microtrain.evaluate``; the
+tables and figures are ``microtrain.evaluation_report``.
+
+Nothing here imports NumPy at module level: a spawned worker imports this module, and its
+thread settings must be in place before NumPy (OpenBLAS) and Numba load.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import socket
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .paths import REPO_ROOT
+
+PROG = "python -m microtrain.evaluate"
+THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS")
+# name -> (shared data file, label in the tables, in-domain control?), in the paper's column order
+DOMAINS = {
+    "traffic_sign": ("traffic_sign.zip", "Traffic Sign", False),
+    "omniglot": ("omniglot.zip", "Omniglot", False),
+    "flowers": ("flowers.zip", "Flowers", False),
+    "dtd": ("dtd.zip", "DTD", False),
+    "quickdraw": ("quickdraw.npz", "Quick Draw", False),
+    "tinyimagenet": ("tinyimagenet.zip", "Tiny-ImageNet (in-domain)", True),
+}
+DEFAULT_DOMAINS = ("traffic_sign", "omniglot", "flowers", "dtd", "quickdraw")
+BACKBONES = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
+IDENTITY = ("backbone", "domain", "seed", "method")  # what names a task and its record
+# Record fields that depend on where and when a task ran, not on what it computed: a record from a
+# Dask worker equals the local pool's for the same task once these are left out (``comparable``).
+VOLATILE = ("time_seconds", "selection_share", "task_seconds", "finished_at", "worker")
+
+
+class GridError(ValueError):
+    """Bad grid input (unknown method, missing file, settings that differ from OUT's): one line."""
+
+
+class InputMismatch(RuntimeError):
+    """A worker's copy of a task's data or weight file is missing or differs from the client's."""
+
+
+# ----------------------------------------------------------------------------------------------
+# settings: everything that makes two runs' episodes comparable, in one place (options, the
+# stored dict, the options that reproduce it, its description in the report)
+# ----------------------------------------------------------------------------------------------
+
+def add_settings_options(parser: argparse.ArgumentParser) -> None:
+    """The episode, budget and fine-tuning options of ``run`` (read back by ``settings_of``)."""
+    from .train import FinetuneConfig
+
+    d = FinetuneConfig()
+    g = parser.add_argument_group("episodes")
+    g.add_argument("--sampler", choices=("fixed", "metadataset"), default="fixed",
+                   help="fixed way/shot (the quick protocol), or the Meta-Dataset sampler of the paper's "
+                        "Appendix B (5-50 ways, 1-100 shots per class, <= 500 support images). Default: %(default)s")
+    g.add_argument("--way", type=int, default=10, help="fixed sampler: classes per episode (default %(default)s)")
+    g.add_argument("--shot", type=int, default=5, help="fixed sampler: support images per class (default %(default)s)")
+    g.add_argument("--query-shots", type=int, default=10,
+                   help="fixed sampler: query images per class (default %(default)s)")
+    g = parser.add_argument_group("budgets (TinyTrain's selection)")
+    g.add_argument("--mem-budget", default="512KB",
+                   help="backward memory budget, e.g. 512KB, 0.5MB, 524288 (KB = 1024 bytes; default %(default)s)")
+    g.add_argument("--mac-budget", default="15%",
+                   help="backward MAC budget: a share of the backbone's forward MACs or a count, e.g. 3.4M "
+                        "(default %(default)s)")
+    g = parser.add_argument_group("fine-tuning (defaults: microtrain.train.FinetuneConfig)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the support set (default %(default)s)")
+    g.add_argument("--lr", type=float, default=d.lr,
+                   help="SGD learning rate for every method (default: each method's own, methods.DEFAULT_LR)")
+    g.add_argument("--momentum", type=float, default=d.momentum,
+                   help="SGD momentum (default %(default)s; SparseUpdate always uses plain SGD)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default %(default)s")
+    g.add_argument("--scale", type=float, default=d.scale, help="cosine logit scale (default %(default)s)")
+    g.add_argument("--batch", type=int, default=d.batch, help="pseudo-queries per step (default %(default)s)")
+    g.add_argument("--train-seed", type=int, default=d.seed,
+                   help="augmentation/order seed of fine-tuning (default %(default)s)")
+
+
+def _mac_text(text: str) -> str:
+    from .adapt import parse_macs
+
+    text = str(text).strip()
+    if text.endswith("%"):
+        if not re.fullmatch(r"[0-9]*\.?[0-9]+%", text):
+            raise GridError(f"cannot read {text!r} as a MAC budget (e.g. 15%, 3.4M)")
+        return f"{float(text[:-1]):g}%"
+    return str(parse_macs(text, 1))
+
+
+def _bytes_text(n: int) -> str:
+    return f"{n // 1024 ** 2}MB" if n % 1024 ** 2 == 0 and n else f"{n // 1024}KB" if n % 1024 == 0 and n else str(n)
+
+
+def settings_of(args) -> dict:
+    """The settings dict of parsed options (stored in OUT/config.json and in every task).
+    Raises GridError on values no episode or fine-tuning can use."""
+    from .adapt import UsageError as AdaptUsageError, parse_bytes
+
+    try:
+        mem = parse_bytes(args.mem_budget)
+        mac = _mac_text(args.mac_budget)
+    except AdaptUsageError as exc:
+        raise GridError(str(exc)) from None
+    if args.sampler == "fixed" and min(args.way, args.shot, args.query_shots) < 1:
+        raise GridError("--way, --shot and --query-shots must be >= 1")
+    if args.epochs < 0 or (args.lr is not None and args.lr <= 0) or args.batch < 1 or args.momentum < 0 \
+            or args.weight_decay < 0:
+        raise GridError("--epochs must be >= 0, --lr > 0, --batch >= 1, --momentum and --weight-decay >= 0")
+    fixed = args.sampler == "fixed"
+    return {"sampler": args.sampler,
+            "way": args.way if fixed else None, "shot": args.shot if fixed else None,
+            "query_shots": args.query_shots if fixed else None,
+            "mem_budget_bytes": mem, "mac_budget": mac,
+            "finetune": {"epochs": args.epochs, "lr": args.lr, "momentum": args.momentum,
+                         "weight_decay": args.weight_decay, "scale": args.scale, "batch": args.batch,
+                         "seed": args.train_seed}}
+
+
+def settings_options(s: dict) -> list[str]:
+    """The command-line options that reproduce ``settings``."""
+    opts = ["--sampler", s["sampler"]]
+    if s["sampler"] == "fixed":
+        opts += ["--way", str(s["way"]), "--shot", str(s["shot"]), "--query-shots", str(s["query_shots"])]
+    opts += ["--mem-budget", _bytes_text(s["mem_budget_bytes"]), "--mac-budget", s["mac_budget"]]
+    f = s["finetune"]
+    opts += ["--epochs", str(f["epochs"])] + (["--lr", f"{f['lr']:g}"] if f["lr"] is not None else [])
+    opts += ["--momentum", f"{f['momentum']:g}",
+             "--weight-decay", f"{f['weight_decay']:g}", "--scale", f"{f['scale']:g}", "--batch", str(f["batch"]),
+             "--train-seed", str(f["seed"])]
+    return opts
+
+
+def describe_settings(settings: dict | None, records: list[dict]) -> list[str]:
+    """The report's settings lines (markdown bullets), with the methods that override one."""
+    if settings is None:
+        return ["(no config.json: settings unknown)"]
+    f = settings["finetune"]
+    ep = (f"{settings['way']}-way {settings['shot']}-shot, {settings['query_shots']} queries per class"
+          if settings["sampler"] == "fixed" else "Meta-Dataset sampler (5-50 ways, 1-100 shots per class, "
+                                                  "<= 500 support images, up to 10 queries per class)")
+    lr = "each method’s default" if f["lr"] is None else format(f["lr"], "g")
+    lines = [f"- episodes: {ep}; episode = f(domain, seed), the same for every method",
+             f"- budgets (TinyTrain's selection): backward memory {_bytes_text(settings['mem_budget_bytes'])}, "
+             f"backward MACs {settings['mac_budget']}",
+             f"- fine-tuning: {f['epochs']} pass{'' if f['epochs'] == 1 else 'es'} over the support set, "
+             f"batch {f['batch']}, SGD lr {lr}, momentum {f['momentum']:g}, weight decay {f['weight_decay']:g}, "
+             f"cosine scale {f['scale']:g}, seed {f['seed']}"]
+    overrides = {}
+    for r in records:
+        for k, v in (r.get("finetune") or {}).items():
+            if k in f and v != f[k] and r["method"] != "none":
+                overrides.setdefault(r["method"], set()).add(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}")
+    for m, o in overrides.items():
+        lines.append(f"- {m} sets {', '.join(sorted(o))} itself")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# what to evaluate: names, files and their identities
+# ----------------------------------------------------------------------------------------------
+
+def parse_seeds(text: str) -> list[int]:
+    """'0-9' -> 0..9; '0-4,10' -> 0,1,2,3,4,10 (sorted, without repeats). Raises GridError."""
+    seeds: set[int] = set()
+    for part in str(text).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
+            raise GridError(f"cannot read {text!r} as seeds (e.g. 0-9, or 0-4,10)")
+        seeds.update(range(int(m.group(1)), int(m.group(2) or m.group(1)) + 1))
+    return sorted(seeds)
+
+
+def format_seeds(seeds) -> str:
+    """The inverse of parse_seeds: compact ranges."""
+    seeds = sorted(set(seeds))
+    parts, start = [], None
+    for i, s in enumerate(seeds):
+        if start is None:
+            start = s
+        if i + 1 == len(seeds) or seeds[i + 1] != s + 1:
+            parts.append(str(s) if s == start else f"{start}-{s}")
+            start = None
+    return ",".join(parts)
+
+
+def split_list(text: str, what: str) -> list[str]:
+    """A comma list of names, refusing an empty list and repeats."""
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise GridError(f"--{what} is empty")
+    if len(set(items)) != len(items):
+        raise GridError(f"--{what} names something twice: {text}")
+    return items
+
+
+def _key(text: str) -> str:
+    """A name safe as one path component."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "x"
+
+
+def resolve_domain(spec: str) -> tuple[str, str, str]:
+    """(key, path to open, how to write it in a command) of a --domains entry."""
+    from .paths import shared_file
+
+    if spec in DOMAINS:
+        return spec, str(shared_file("data", DOMAINS[spec][0])), spec
+    path = Path(spec)
+    if not path.exists():
+        raise GridError(f"unknown domain {spec!r}: use one of {', '.join(DOMAINS)} or a path to a dataset "
+                        "(folder, .zip or .npz)")
+    stem = path.name[: -len(path.suffix)] if path.suffix.lower() in (".zip", ".npz") else path.name
+    return _key(stem), str(path.resolve()), str(path.resolve())
+
+
+def resolve_backbone(spec: str):
+    """(key, weight file path, network) of a --backbones entry; converts a shared one on first use."""
+    from .adapt import UsageError as AdaptUsageError, _resolve_model
+    from .checkpoint import ensure_converted
+
+    path = Path(spec)
+    if path.suffix == ".npz":
+        try:
+            net = _resolve_model(spec)
+        except AdaptUsageError as exc:
+            raise GridError(str(exc)) from None
+        return _key(path.stem), str(path.resolve()), net
+    if spec not in BACKBONES:
+        raise GridError(f"unknown backbone {spec!r}: use one of {', '.join(BACKBONES)} or a .npz weight file")
+    weights = ensure_converted(spec)
+    return spec, str(weights), _resolve_model(str(weights))
+
+
+_HASHES: dict = {}  # (path, size, mtime_ns) -> SHA-256, per process: each file is read once
+
+
+def file_sha256(path) -> str:
+    """SHA-256 (hex) of a file's bytes; a directory (a class-per-folder dataset) hashes every file's
+    relative path and bytes in sorted order. Raises OSError when it cannot be read."""
+    path = Path(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+    key = (str(path), tuple(stats))
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        for p in files:
+            if path.is_dir():
+                h.update(p.relative_to(path).as_posix().encode() + b"\0")
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+def check_identity(what: str, path: str, sha256: str) -> None:
+    """Raise InputMismatch unless ``path`` on this machine holds the bytes the client hashed."""
+    try:
+        actual = file_sha256(path)
+    except OSError as exc:
+        raise InputMismatch(f"{what} file {path} cannot be read on {socket.gethostname()} "
+                            f"({exc.strerror or exc}): every worker needs the client's files at the same paths") from None
+    if actual != sha256:
+        raise InputMismatch(f"{what} file {path} on {socket.gethostname()} has SHA-256 {actual[:16]}..., the "
+                            f"client's has {sha256[:16]}...: refusing to compute on other data")
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def episode_path(out: Path, backbone: str, domain: str, method: str, seed: int) -> Path:
+    return out / "episodes" / backbone / domain / method / f"{seed}.json"
+
+
+def read_record(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {"error": "unreadable record"}
+
+
+def write_json(path: Path, obj) -> None:
+    """``obj`` as indented JSON, written to a temporary file then renamed (never a partial file)."""
+    from .adapt import _write_atomic
+
+    text = json.dumps(obj, indent=1, allow_nan=False)
+    _write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+
+
+def check_config(out: Path, settings: dict, domains: dict, backbones: dict, argv: list[str]) -> None:
+    """Refuse to mix settings in one folder; remember what each key means and each command run."""
+    path = out / "config.json"
+    config = {"settings": settings, "domains": {}, "backbones": {}, "runs": []}
+    if path.exists():
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise GridError(f"{path}: unreadable ({exc}); move it away or use another --out") from None
+        old = config.get("settings") or {}
+        if old != settings:
+            diff = [f"{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in settings if old.get(k) != settings[k]]
+            raise GridError(f"{out} holds episodes run with other settings ({'; '.join(diff)}): use another --out")
+    for kind, new in (("domains", domains), ("backbones", backbones)):
+        known = config.setdefault(kind, {})
+        for key, spec in new.items():
+            if known.get(key, spec) != spec:
+                raise GridError(f"{kind[:-1]} name {key!r} means {known[key]} in {out}, not {spec}: "
+                                "rename the file or use another --out")
+            known[key] = spec
+    config.setdefault("runs", []).append({"argv": argv, "started_at": datetime.now(timezone.utc)
+                                          .isoformat(timespec="seconds")})
+    write_json(path, config)
+
+
+def plan_grid(out: Path, methods: list[str], domains: list[str], backbones: list[str], seeds: list[int],
+              settings: dict, retry_errors: bool = False, argv: list[str] = ()) -> tuple[list[dict], int]:
+    """The tasks of a grid not finished in ``out`` yet, and how many are (skipped).
+
+    Resolves the names (GridError for unknown ones), draws one episode per domain to fail now
+    rather than in every task, checks ``out``'s settings (``check_config``) and hashes every
+    data and weight file once. Tasks are episode-major: an interrupted run leaves whole episodes.
+    """
+    from .adapt import parse_macs
+    from .data import open_dataset
+    from .methods import METHODS
+
+    for m in methods:
+        if m not in METHODS:
+            raise GridError(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
+    dom = {}  # key -> (path, spec)
+    for spec in domains:
+        key, path, shown = resolve_domain(spec)
+        if key in dom:
+            raise GridError(f"two domains are named {key!r}: {dom[key][1]} and {shown}")
+        dom[key] = (path, shown)
+    nets = {}  # key -> (weights, spec, forward MACs)
+    for spec in backbones:
+        key, weights, net = resolve_backbone(spec)
+        if key in nets:
+            raise GridError(f"two backbones are named {key!r}")
+        nets[key] = (weights, spec if spec in BACKBONES else weights, net.forward_macs)
+    for path, _ in dom.values():
+        draw_episode(open_dataset(path), settings, seeds[0])
+    check_config(out, settings, {k: v[1] for k, v in dom.items()}, {k: v[1] for k, v in nets.items()},
+                 list(argv))
+    sha = {p: file_sha256(p) for p in [v[0] for v in dom.values()] + [v[0] for v in nets.values()]}
+    commit = _git_commit()
+    tasks, skipped = [], 0
+    for seed in seeds:
+        for bkey, (weights, _, fwd) in nets.items():
+            budgets = {"memory": settings["mem_budget_bytes"], "macs": parse_macs(settings["mac_budget"], fwd)}
+            for dkey, (path, _) in dom.items():
+                for method in methods:
+                    file = episode_path(out, bkey, dkey, method, seed)
+                    if file.exists() and not (retry_errors and "error" in read_record(file)):
+                        skipped += 1
+                        continue
+                    tasks.append({"backbone": bkey, "domain": dkey, "seed": seed, "method": method,
+                                  "weights": weights, "weights_sha256": sha[weights],
+                                  "data": path, "data_sha256": sha[path],
+                                  "settings": settings, "budgets": budgets, "commit": commit})
+    return tasks, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# one task (runs on a worker: a pool process or a Dask worker)
+# ----------------------------------------------------------------------------------------------
+
+_NETS: dict = {}      # weights SHA-256 -> Network, per worker process
+_DATASETS: dict = {}  # data SHA-256 -> Dataset
+
+
+def init_worker() -> None:
+    """Runs first in each spawned pool process, before anything imports NumPy or Numba."""
+    for var in THREAD_VARS:
+        os.environ[var] = "1"
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+
+
+def _plain(obj):
+    """JSON-ready: NumPy scalars and arrays to Python, NaN and infinities to None."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def draw_episode(dataset, settings: dict, seed: int):
+    """The episode of ``seed`` under ``settings``' sampler (a function of (dataset, seed) only)."""
+    from .episodes import sample_episode, sample_metadataset_episode
+
+    if settings["sampler"] == "metadataset":
+        return sample_metadataset_episode(dataset, seed)
+    return sample_episode(dataset, settings["way"], settings["shot"], settings["query_shots"], seed)
+
+
+def _worker_info() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), **{v: os.environ.get(v) for v in THREAD_VARS[:3]}}
+
+
+def finish_record(record: dict, task: dict, start: float | None) -> dict:
+    """Add what every record carries (inputs, settings, time, worker) and make it JSON-ready.
+    ``start``: ``time.perf_counter()`` when this process began the task; None when the task did
+    not run here (the client recording a task its worker never returned): no time, no worker."""
+    record.update({k: task[k] for k in IDENTITY})
+    record.update({"data": task["data"], "data_sha256": task["data_sha256"], "weights_sha256": task["weights_sha256"],
+                   "settings": task["settings"], "task_seconds": None if start is None else time.perf_counter() - start,
+                   "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "worker": None if start is None else _worker_info(), "commit": task.get("commit")})
+    record = _plain(record)
+    try:
+        json.dumps(record, allow_nan=False)
+    except (TypeError, ValueError) as exc:  # keep the run going; say what could not be stored
+        record = {k: record[k] for k in (*IDENTITY, "finished_at", "task_seconds")}
+        record["error"] = f"record not JSON-ready: {exc}"
+    return record
+
+
+def failed_record(task: dict, error: BaseException, start: float | None = None, record: dict | None = None) -> dict:
+    """The record of a task that raised: on its worker (``start`` given; ``record``: what it had
+    found before, e.g. the episode's size), or seen by the client only (``start`` None: e.g. Dask's
+    KilledWorker after the task's workers died repeatedly)."""
+    record = dict(record or {})
+    record["error"] = f"{type(error).__name__}: {error}"
+    record["traceback"] = "".join(traceback.format_exception(type(error), error, error.__traceback__, limit=-4))
+    return finish_record(record, task, start)
+
+
+def run_task(task: dict) -> dict:
+    """Adapt one (backbone, domain, seed, method) and return its record. Never raises an Exception:
+    a failure (a file that differs from the client's, training that diverged, a budget no layer
+    fits, ...) becomes a record with ``error`` and ``traceback``."""
+    start = time.perf_counter()
+    record = {}
+    try:
+        from . import model
+        from .data import open_dataset
+        from .episodes import EpisodeImages
+        from .methods import Budgets
+        from .pipeline import adapt_episode
+        from .train import FinetuneConfig
+
+        check_identity("weight", task["weights"], task["weights_sha256"])
+        check_identity("data", task["data"], task["data_sha256"])
+        if task["weights_sha256"] not in _NETS:
+            _NETS[task["weights_sha256"]] = model.load(task["weights"])
+        net = _NETS[task["weights_sha256"]].copy()
+        t0 = time.perf_counter()
+        if task["data_sha256"] not in _DATASETS:
+            _DATASETS[task["data_sha256"]] = open_dataset(task["data"])
+        s = task["settings"]
+        episode = draw_episode(_DATASETS[task["data_sha256"]], s, task["seed"])
+        record.update(way=episode.way, support_size=len(episode.support), query_size=len(episode.query))
+        images = EpisodeImages(episode, net.resolution)
+        load_seconds = time.perf_counter() - t0
+        result = adapt_episode(net, images.support, episode.support_labels, images.query, episode.query_labels,
+                               task["method"], Budgets(task["budgets"]["memory"], task["budgets"]["macs"]),
+                               FinetuneConfig(**s["finetune"]), load_seconds=load_seconds)
+        result.pop("plan_table", None)  # the whole buffer table: large, and in adapt's report already
+        record.update(result)
+        record["model"] = net.name
+        record["episode"] = {"classes": list(episode.classes), "shots": episode.shots.tolist(),
+                             "sampler": s["sampler"]}
+    except Exception as exc:  # one task's failure is a result, not the end of the run
+        return failed_record(task, exc, start, record)
+    return finish_record(record, task, start)
+
+
+def comparable(record: dict) -> dict:
+    """A record without the fields that depend on where and when it ran (``VOLATILE``)."""
+    return {k: v for k, v in record.items() if k not in VOLATILE}
+
+
+# ----------------------------------------------------------------------------------------------
+# running a task list: progress, the local pool
+# ----------------------------------------------------------------------------------------------
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class Progress:
+    """One line per finished task: count, a bar, the task and its result, failures so far, ETA
+    (the mean time per finished task so far times the tasks left)."""
+
+    def __init__(self, total: int, show_backbone: bool = False, width: int = 20):
+        self.total, self.show_backbone, self.width = total, show_backbone, width
+        self.done = self.failed = 0
+        self.start = time.perf_counter()
+
+    def line(self, rec: dict) -> str:
+        self.done += 1
+        self.failed += "error" in rec
+        n, total = self.done, self.total
+        fill = self.width * n // total
+        head = (f"[{n:>{len(str(total))}}/{total}] {'#' * fill}{'.' * (self.width - fill)} "
+                + (f"{rec['backbone']:<15} " if self.show_backbone else "")
+                + f"{rec['method']:<16} {rec['domain']:<14} seed {rec['seed']:<4}")
+        if "error" in rec:
+            took = "–" if rec.get("task_seconds") is None else f"{rec['task_seconds']:.1f}"
+            body = f"FAILED ({took} s): {rec['error'].splitlines()[0][:120]}"
+        else:
+            body = (f"acc {100 * rec['accuracy_after']:5.1f}% (before {100 * rec['accuracy_before']:5.1f}%)  "
+                    f"{rec['task_seconds']:6.1f} s")
+        eta = (time.perf_counter() - self.start) / n * (total - n)
+        fails = f"  {self.failed} failed" if self.failed else ""
+        return f"{head} {body}{fails}  ETA {duration(eta) if n < total else 'done'}"
+
+
+def _stop_pool(pool) -> None:
+    """End the worker processes this run started (their current tasks are lost, nothing is written)."""
+    stop = getattr(pool, "terminate_workers", None)  # Python 3.14+
+    if stop is not None:
+        stop()
+        return
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        proc.terminate()
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_pool(tasks: list[dict], workers: int, finish) -> None:
+    """Run ``tasks`` on ``workers`` spawned processes (0: in this process), calling ``finish(record)``
+    in this process as each completes. Ctrl-C ends the workers (their current tasks are lost)."""
+    if workers == 0:
+        for task in tasks:
+            finish(run_task(task))
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=init_worker)
+    try:
+        futures = [pool.submit(run_task, task) for task in tasks]
+        for future in as_completed(futures):
+            finish(future.result())
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
+def execute(tasks: list[dict], out: Path, workers: int = 2, scheduler: str | None = None) -> tuple[int, int]:
+    """Run the tasks on the local pool, or on the Dask cluster at ``scheduler`` (an address such as
+    tcp://10.0.0.5:8786, or a scheduler file), writing each record as it arrives (atomically, in
+    this process) and printing a progress line; returns (finished, failed)."""
+    progress = Progress(len(tasks), len({t["backbone"] for t in tasks}) > 1)
+
+    def finish(rec):
+        write_json(episode_path(out, rec["backbone"], rec["domain"], rec["method"], rec["seed"]), rec)
+        print(progress.line(rec), flush=True)
+
+    if scheduler is None:
+        run_pool(tasks, workers, finish)
+    else:
+        from .cluster import run_on_cluster
+
+        run_on_cluster(tasks, scheduler, finish)
+    return progress.done, progress.failed
