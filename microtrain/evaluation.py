@@ -51,7 +51,10 @@ BACKBONES = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
 IDENTITY = ("backbone", "domain", "seed", "method")  # what names a task and its record
 # Record fields that depend on where and when a task ran, not on what it computed: a record from a
 # Dask worker equals the local pool's for the same task once these are left out (``comparable``).
-VOLATILE = ("time_seconds", "selection_share", "task_seconds", "finished_at", "worker")
+# memory.outside_arena_step_bytes is tracemalloc's count during a step: it includes first-use
+# caches of the process and, on a Dask worker, allocations of Dask's own threads.
+VOLATILE = ("time_seconds", "selection_share", "task_seconds", "finished_at", "worker",
+            "memory.outside_arena_step_bytes")
 
 
 class GridError(ValueError):
@@ -509,9 +512,16 @@ def run_task(task: dict) -> dict:
     return finish_record(record, task, start)
 
 
-def comparable(record: dict) -> dict:
-    """A record without the fields that depend on where and when it ran (``VOLATILE``)."""
-    return {k: v for k, v in record.items() if k not in VOLATILE}
+def comparable(record: dict, volatile=VOLATILE) -> dict:
+    """A record without the fields that depend on where and when it ran (``VOLATILE``; a dotted
+    name is a field of a nested dict)."""
+    top = {v for v in volatile if "." not in v}
+    out = {k: v for k, v in record.items() if k not in top}
+    nested = [v.split(".", 1) for v in volatile if "." in v]
+    for key in {k for k, _ in nested}:
+        if isinstance(out.get(key), dict):
+            out[key] = comparable(out[key], [rest for k, rest in nested if k == key])
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
