@@ -19,8 +19,10 @@ The device side (``adapt``, ``predict``) never imports this module.
 """
 from __future__ import annotations
 
+import os
 import sys
 import uuid
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 from .evaluation import THREAD_VARS, GridError, check_identity, failed_record, run_task
@@ -28,8 +30,6 @@ from .evaluation import THREAD_VARS, GridError, check_identity, failed_record, r
 
 def _worker_check(files: dict) -> dict:
     """Runs on each worker before the grid: files that differ from the client's, thread settings."""
-    import os
-
     problems = []
     for path, (what, sha) in files.items():
         try:
@@ -88,11 +88,9 @@ def check_workers(client, tasks: list[dict]) -> None:
           + ("" if info else "; tasks wait for the first worker"), flush=True)
 
 
-def run_on_cluster(tasks: list[dict], address: str, finish) -> None:
+def run_on_cluster(tasks: list[dict], finish, address: str) -> None:
     """Submit one Dask task per grid task and call ``finish(record)`` here as each completes (in
     completion order). Ctrl-C (or any error here) cancels what has not finished."""
-    from concurrent.futures import CancelledError
-
     from dask.distributed import as_completed
 
     client = connect(address)

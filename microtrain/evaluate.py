@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from .evaluation import (BACKBONES, DEFAULT_DOMAINS, DOMAINS, PROG, GridError, add_settings_options, duration,
-                         execute, parse_seeds, plan_grid, settings_of, split_list)
+                         execute, parse_seeds, plan_grid, run_pool, settings_of, split_list)
+from .paths import MissingSharedError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +37,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import METHODS
+    from .methods import METHODS  # lazy: loads NumPy (see cmd_run)
 
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog=f"Options of each command: {PROG} run --help, {PROG} report --help.\n"
@@ -91,6 +93,7 @@ def parse_args(argv):
 
 
 def cmd_run(args, argv: list[str]) -> int:
+    # lazy: the report loads NumPy, and this module runs first in a spawned pool worker (evaluation)
     from .evaluation_report import write_report
 
     if args.seeds is not None:
@@ -116,7 +119,12 @@ def cmd_run(args, argv: list[str]) -> int:
              f"{n['method']} method(s))" if tasks else ""), flush=True)
     if tasks:
         start = time.perf_counter()
-        finished, failed = execute(tasks, out, workers, args.scheduler)
+        if args.scheduler:
+            from .cluster import run_on_cluster  # only with --scheduler: it needs dask, an optional extra
+
+            finished, failed = execute(tasks, out, partial(run_on_cluster, address=args.scheduler))
+        else:
+            finished, failed = execute(tasks, out, partial(run_pool, workers=workers))
         print(f"finished {finished} task(s) in {duration(time.perf_counter() - start)}"
               + (f"; {failed} failed (recorded with an error; --retry-errors reruns them)" if failed else ""),
               flush=True)
@@ -129,14 +137,14 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)
+        # lazy: these load NumPy, and this module runs first in a spawned pool worker (evaluation)
         from .adapt import UsageError
         from .checkpoint import CheckpointError
         from .data import DataError
-        from .paths import MissingSharedError
 
         try:
             if args.command == "report":
-                from .evaluation_report import write_report
+                from .evaluation_report import write_report  # lazy: loads NumPy (see cmd_run)
 
                 write_report(Path(args.out))
                 return 0

@@ -10,7 +10,7 @@ record with an ``error`` field, not the end of the run. ``OUT/config.json`` hold
 a rerun with other settings into the same folder is refused.
 
 Tasks run in a local pool of spawned processes (``run_pool``; no dependency beyond the device's)
-or on a Dask cluster (``microtrain.cluster``, optional). Both call ``run_task``, which first
+or on a Dask cluster (``microtrain.cluster.run_on_cluster``, optional; this module never imports it). Both call ``run_task``, which first
 checks that the data and weight files it opens have the SHA-256 the client computed, so a worker
 refuses to compute on other data. The command line is ``python -m microtrain.evaluate``; the
 tables and figures are ``microtrain.evaluation_report``.
@@ -24,16 +24,19 @@ import argparse
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import re
 import signal
 import socket
+import subprocess
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .paths import REPO_ROOT
+from .paths import REPO_ROOT, shared_file
 
 PROG = "python -m microtrain.evaluate"
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS")
@@ -72,7 +75,7 @@ class InputMismatch(RuntimeError):
 
 def add_settings_options(parser: argparse.ArgumentParser) -> None:
     """The episode, budget and fine-tuning options of ``run`` (read back by ``settings_of``)."""
-    from .train import FinetuneConfig
+    from .train import FinetuneConfig  # lazy: loads NumPy (module docstring)
 
     d = FinetuneConfig()
     g = parser.add_argument_group("episodes")
@@ -103,7 +106,7 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _mac_text(text: str) -> str:
-    from .adapt import parse_macs
+    from .adapt import parse_macs  # lazy: loads NumPy (module docstring)
 
     text = str(text).strip()
     if text.endswith("%"):
@@ -120,7 +123,7 @@ def _bytes_text(n: int) -> str:
 def settings_of(args) -> dict:
     """The settings dict of parsed options (stored in OUT/config.json and in every task).
     Raises GridError on values no episode or fine-tuning can use."""
-    from .adapt import UsageError as AdaptUsageError, parse_bytes
+    from .adapt import UsageError as AdaptUsageError, parse_bytes  # lazy: loads NumPy (module docstring)
 
     try:
         mem = parse_bytes(args.mem_budget)
@@ -226,8 +229,6 @@ def _key(text: str) -> str:
 
 def resolve_domain(spec: str) -> tuple[str, str, str]:
     """(key, path to open, how to write it in a command) of a --domains entry."""
-    from .paths import shared_file
-
     if spec in DOMAINS:
         return spec, str(shared_file("data", DOMAINS[spec][0])), spec
     path = Path(spec)
@@ -240,6 +241,7 @@ def resolve_domain(spec: str) -> tuple[str, str, str]:
 
 def resolve_backbone(spec: str):
     """(key, weight file path, network) of a --backbones entry; converts a shared one on first use."""
+    # lazy: loads NumPy (module docstring)
     from .adapt import UsageError as AdaptUsageError, _resolve_model
     from .checkpoint import ensure_converted
 
@@ -291,8 +293,6 @@ def check_identity(what: str, path: str, sha256: str) -> None:
 
 
 def _git_commit() -> str | None:
-    import subprocess
-
     try:
         out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=10)
@@ -318,7 +318,7 @@ def read_record(path: Path) -> dict:
 
 def write_json(path: Path, obj) -> None:
     """``obj`` as indented JSON, written to a temporary file then renamed (never a partial file)."""
-    from .adapt import _write_atomic
+    from .adapt import _write_atomic  # lazy: loads NumPy (module docstring)
 
     text = json.dumps(obj, indent=1, allow_nan=False)
     _write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n"))
@@ -357,6 +357,7 @@ def plan_grid(out: Path, methods: list[str], domains: list[str], backbones: list
     rather than in every task, checks ``out``'s settings (``check_config``) and hashes every
     data and weight file once. Tasks are episode-major: an interrupted run leaves whole episodes.
     """
+    # lazy: loads NumPy (module docstring)
     from .adapt import parse_macs
     from .data import open_dataset
     from .methods import METHODS
@@ -416,7 +417,7 @@ def init_worker() -> None:
 
 def _plain(obj):
     """JSON-ready: NumPy scalars and arrays to Python, NaN and infinities to None."""
-    import numpy as np
+    import numpy as np  # lazy: loads NumPy (module docstring)
 
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
@@ -433,7 +434,7 @@ def _plain(obj):
 
 def draw_episode(dataset, settings: dict, seed: int):
     """The episode of ``seed`` under ``settings``' sampler (a function of (dataset, seed) only)."""
-    from .episodes import sample_episode, sample_metadataset_episode
+    from .episodes import sample_episode, sample_metadataset_episode  # lazy: loads NumPy (module docstring)
 
     if settings["sampler"] == "metadataset":
         return sample_metadataset_episode(dataset, seed)
@@ -479,6 +480,7 @@ def run_task(task: dict) -> dict:
     start = time.perf_counter()
     record = {}
     try:
+        # lazy: loads NumPy and Numba, after init_worker in a pool process (module docstring)
         from . import model
         from .data import open_dataset
         from .episodes import EpisodeImages
@@ -576,16 +578,13 @@ def _stop_pool(pool) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_pool(tasks: list[dict], workers: int, finish) -> None:
+def run_pool(tasks: list[dict], finish, workers: int = 2) -> None:
     """Run ``tasks`` on ``workers`` spawned processes (0: in this process), calling ``finish(record)``
     in this process as each completes. Ctrl-C ends the workers (their current tasks are lost)."""
     if workers == 0:
         for task in tasks:
             finish(run_task(task))
         return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
     pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=init_worker)
     try:
@@ -598,20 +597,15 @@ def run_pool(tasks: list[dict], workers: int, finish) -> None:
     pool.shutdown(wait=True)
 
 
-def execute(tasks: list[dict], out: Path, workers: int = 2, scheduler: str | None = None) -> tuple[int, int]:
-    """Run the tasks on the local pool, or on the Dask cluster at ``scheduler`` (an address such as
-    tcp://10.0.0.5:8786, or a scheduler file), writing each record as it arrives (atomically, in
-    this process) and printing a progress line; returns (finished, failed)."""
+def execute(tasks: list[dict], out: Path, run=run_pool) -> tuple[int, int]:
+    """Run the tasks with ``run(tasks, finish)`` (``run_pool``, or ``cluster.run_on_cluster`` with
+    its address bound), writing each record as it arrives (atomically, in this process) and
+    printing a progress line; returns (finished, failed)."""
     progress = Progress(len(tasks), len({t["backbone"] for t in tasks}) > 1)
 
     def finish(rec):
         write_json(episode_path(out, rec["backbone"], rec["domain"], rec["method"], rec["seed"]), rec)
         print(progress.line(rec), flush=True)
 
-    if scheduler is None:
-        run_pool(tasks, workers, finish)
-    else:
-        from .cluster import run_on_cluster
-
-        run_on_cluster(tasks, scheduler, finish)
+    run(tasks, finish)
     return progress.done, progress.failed

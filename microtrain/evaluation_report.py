@@ -16,8 +16,13 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numba
+import numpy as np
+
+from .adapt import _write_atomic
 from .evaluation import (DOMAINS, PROG, GridError, describe_settings, format_seeds, read_record,
                          settings_options, write_json)
+from .methods import METHODS
 
 REFERENCE = "tinytrain"  # Table 2's ratios and the improvement column are relative to it
 BASELINE = "none"
@@ -25,8 +30,6 @@ BASELINE = "none"
 
 def load_records(out: Path) -> list[dict]:
     """Every episode record under OUT/episodes, in a stable order."""
-    from .methods import METHODS
-
     records = []
     for path in sorted((out / "episodes").glob("*/*/*/*.json")):
         rec = read_record(path)
@@ -84,8 +87,6 @@ def mean_ci(values, level: float = 0.95) -> tuple[float, float | None, int]:
     """(mean, half-width of the ``level`` interval, n) of n samples: t(level, n - 1) * sample std /
     sqrt(n), with Student's t rather than the normal 1.96, which is too narrow over few episodes
     (by 6.5x at n = 2, 15% at n = 5, 5% at n = 25). No interval for n < 2."""
-    import numpy as np
-
     v = np.asarray(list(values), dtype=np.float64)
     if len(v) == 0:
         return float("nan"), None, 0
@@ -127,8 +128,6 @@ def _ratio(x, ref) -> str:
 
 def summarize(records: list[dict]) -> dict:
     """Per backbone: the numbers of Table 1, Table 2 and Figure 1."""
-    import numpy as np
-
     out = {}
     for backbone in dict.fromkeys(r["backbone"] for r in records):
         recs = [r for r in records if r["backbone"] == backbone]
@@ -278,8 +277,6 @@ def write_figure(out: Path, backbone: str, s: dict) -> str | None:
     except ImportError:
         print("note: matplotlib is not installed: Figure 1 skipped (pip install matplotlib)")
         return None
-    from .adapt import _write_atomic
-
     points = [(m, s["costs"][m], s["average"][m][0]) for m in s["methods"]
               if m in s["average"] and m in s["costs"] and s["costs"][m]["backward_macs"] > 0]
     if not points:
@@ -352,9 +349,6 @@ def write_report(out: Path) -> dict:
     write_json(out / "results.json", {"generated_at": now, "settings": settings, "records": records})
     summary = summarize(records)
 
-    import numba
-    import numpy as np
-
     lines = ["# microtrain evaluation: TinyTrain's Table 1, Table 2 and Figure 1", "",
              f"Generated {now} from {len(records)} episode records in `{out}` "
              f"({sum('error' in r for r in records)} failed).", "",
@@ -405,8 +399,6 @@ def write_report(out: Path) -> dict:
                     err = r["error"].splitlines()[0].replace("|", "\\|")[:200]
                     lines.append(f"| {m} | {_label(d)} | {r['seed']} | {err} |")
             lines.append("")
-    from .adapt import _write_atomic
-
     text = "\n".join(lines)
     _write_atomic(out / "report.md", lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {out / 'report.md'} and {out / 'results.json'} ({len(records)} episode records)", flush=True)

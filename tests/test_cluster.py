@@ -78,7 +78,7 @@ def test_unreachable_scheduler_is_one_line(tmp_path, capsys, monkeypatch):
 
 def test_only_the_cluster_module_imports_dask():
     """The device side (adapt, predict, the engine) never imports dask: only microtrain/cluster.py
-    names it, and only evaluation.py imports cluster (inside execute, when --scheduler is given)."""
+    names it, and only the command line (evaluate.py) imports cluster, when --scheduler is given."""
     importers: dict[str, set] = {}
     for path in (REPO / "microtrain").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -93,4 +93,4 @@ def test_only_the_cluster_module_imports_dask():
                     importers.setdefault("dask", set()).add(path.name)
                 if name in ("cluster", "microtrain.cluster") or name.startswith("cluster."):
                     importers.setdefault("cluster", set()).add(path.name)
-    assert importers == {"dask": {"cluster.py"}, "cluster": {"evaluation.py"}}
+    assert importers == {"dask": {"cluster.py"}, "cluster": {"evaluate.py"}}

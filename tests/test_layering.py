@@ -32,7 +32,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("training", ("train",)),
     ("methods", ("method_plan", "tinytrain", "tinytl", "methods")),
     ("pipeline", ("pipeline", "classifier")),
-    ("commands", ("adapt", "predict", "evaluation", "evaluate", "metatrain", "summary", "__init__")),
+    ("commands", ("adapt", "predict", "evaluation", "evaluation_report", "cluster", "evaluate", "metatrain", "summary",
+                  "__init__")),
 )
 
 OPTIONAL_DEPENDENCIES = ("PIL", "matplotlib", "dask", "distributed")
