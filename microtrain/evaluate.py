@@ -5,6 +5,7 @@ and Figure 1 on the shared data or your own.
                                       [--backbones mcunet-5fps] [--episodes 10 | --seeds 0-9]
                                       [--workers 2 | --scheduler tcp://HOST:8786] [--out runs/eval]
     python -m microtrain.evaluate report [--out runs/eval]
+    python -m microtrain.evaluate estimate [--out runs/eval] [--domains 9 --episodes 200 --workers 1,8,64]
 
 ``run`` adapts every (backbone, domain, episode seed, method) not finished in ``--out`` yet, one
 record per task in ``OUT/episodes/<backbone>/<domain>/<method>/<seed>.json`` (written as each
@@ -13,7 +14,8 @@ that fails (training diverged, a budget that cannot be met, ...) is recorded wit
 and the run goes on. Tasks run on ``--workers`` local processes (spawned, single-threaded:
 N workers use N cores) or, with ``--scheduler``, on a Dask cluster (``pip install -e
 '.[cluster]'``; see ``microtrain.cluster``). ``report`` (also run at the end of ``run``) rewrites
-``OUT/results.json``, ``OUT/report.md`` and the figures from the episode files.
+``OUT/results.json``, ``OUT/report.md`` and the figures from the episode files; ``estimate``
+prints the mean seconds per task the records measured and a larger grid's wall time on N workers.
 
 The grid itself is ``microtrain.evaluation``, the report ``microtrain.evaluation_report``. Bad
 options: one line on stderr, exit status 2. Ctrl-C: exit status 130.
@@ -26,7 +28,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from .evaluation import (BACKBONES, DEFAULT_DOMAINS, DOMAINS, PROG, GridError, add_settings_options, duration,
+from .evaluation import (BACKBONES, DEFAULT_DOMAINS, DOMAINS, PAPER_METHODS, PROG, GridError, add_settings_options, duration,
                          execute, parse_seeds, plan_grid, run_pool, settings_of, split_list)
 from .paths import MissingSharedError
 
@@ -82,12 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Read OUT/episodes/**.json and write OUT/results.json, OUT/report.md and "
                                      "OUT/figure1_<backbone>.png.")
     rep.add_argument("--out", default="runs/eval", help="the folder a run wrote (default %(default)s)")
+
+    est = sub.add_parser("estimate", help="estimate a grid's wall time on N workers from the task times of a run",
+                         description="Mean seconds per task of each (backbone, method) in OUT's records, and the wall "
+                                     "time of a grid of --domains x --episodes with them on each number of --workers. "
+                                     "Defaults: the paper's full comparison.")
+    est.add_argument("--out", default="runs/eval", help="the folder a run wrote (default %(default)s)")
+    est.add_argument("--backbones", default=",".join(BACKBONES), help="backbone keys of the records (default %(default)s)")
+    est.add_argument("--methods", default=",".join(PAPER_METHODS), help="default: the paper's six, %(default)s")
+    est.add_argument("--domains", type=int, default=9, help="domains in the grid (default %(default)s)")
+    est.add_argument("--episodes", type=int, default=200, help="episodes per domain (default %(default)s)")
+    est.add_argument("--workers", default="1,8,64", help="comma list of worker counts (default %(default)s)")
     return p
 
 
 def parse_args(argv):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("run", "report", "-h", "--help"):
+    if not argv or argv[0] not in ("run", "report", "estimate", "-h", "--help"):
         argv = ["run", *argv]  # run is the default command
     return build_parser().parse_args(argv)
 
@@ -133,6 +146,21 @@ def cmd_run(args, argv: list[str]) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    # lazy: the report loads NumPy, and this module runs first in a spawned pool worker (evaluation)
+    from .evaluation_report import estimate_wall_time, load_records
+
+    workers = [int(w) for w in split_list(args.workers, "workers") if w.isdigit() and int(w) > 0]
+    if len(workers) != len(split_list(args.workers, "workers")) or args.domains < 1 or args.episodes < 1:
+        raise GridError("--workers must be a comma list of positive counts, --domains and --episodes >= 1")
+    if not (Path(args.out) / "episodes").is_dir():
+        raise GridError(f"{args.out}: no episodes/ folder (run `{PROG} run --out {args.out}` first)")
+    lines = estimate_wall_time(load_records(Path(args.out)), split_list(args.backbones, "backbones"),
+                               split_list(args.methods, "methods"), args.domains, args.episodes, workers)
+    print("\n".join(lines))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -148,6 +176,8 @@ def main(argv=None) -> int:
 
                 write_report(Path(args.out))
                 return 0
+            if args.command == "estimate":
+                return cmd_estimate(args)
             return cmd_run(args, argv)
         except (UsageError, DataError, CheckpointError, MissingSharedError) as exc:
             raise GridError(str(exc)) from None

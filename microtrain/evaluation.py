@@ -51,6 +51,7 @@ DOMAINS = {
 }
 DEFAULT_DOMAINS = ("traffic_sign", "omniglot", "flowers", "dtd", "quickdraw")
 BACKBONES = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
+PAPER_METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytl", "tinytrain")  # Table 1's rows
 IDENTITY = ("backbone", "domain", "seed", "method")  # what names a task and its record
 # Record fields that depend on where and when a task ran, not on what it computed: a record from a
 # Dask worker equals the local pool's for the same task once these are left out (``comparable``).
@@ -120,6 +121,13 @@ def _bytes_text(n: int) -> str:
     return f"{n // 1024 ** 2}MB" if n % 1024 ** 2 == 0 and n else f"{n // 1024}KB" if n % 1024 == 0 and n else str(n)
 
 
+def format_bytes(n) -> str:
+    """'277.1 KB', '8.06 MB' (KB = 1024 bytes); '–' for None."""
+    if n is None:
+        return "–"
+    return f"{n / 1024 ** 2:.2f} MB" if n >= 1024 ** 2 else f"{n / 1024:.1f} KB"
+
+
 def settings_of(args) -> dict:
     """The settings dict of parsed options (stored in OUT/config.json and in every task).
     Raises GridError on values no episode or fine-tuning can use."""
@@ -169,7 +177,7 @@ def describe_settings(settings: dict | None, records: list[dict]) -> list[str]:
                                                   "<= 500 support images, up to 10 queries per class)")
     lr = "each method’s default" if f["lr"] is None else format(f["lr"], "g")
     lines = [f"- episodes: {ep}; episode = f(domain, seed), the same for every method",
-             f"- budgets (TinyTrain's selection): backward memory {_bytes_text(settings['mem_budget_bytes'])}, "
+             f"- budgets (TinyTrain's selection): backward memory {format_bytes(settings['mem_budget_bytes'])}, "
              f"backward MACs {settings['mac_budget']}",
              f"- fine-tuning: {f['epochs']} pass{'' if f['epochs'] == 1 else 'es'} over the support set, "
              f"batch {f['batch']}, SGD lr {lr}, momentum {f['momentum']:g}, weight decay {f['weight_decay']:g}, "

@@ -20,7 +20,7 @@ import numba
 import numpy as np
 
 from .adapt import _write_atomic
-from .evaluation import (DOMAINS, PROG, GridError, describe_settings, format_seeds, read_record,
+from .evaluation import (DOMAINS, PROG, GridError, describe_settings, duration, format_bytes, format_seeds, read_record,
                          settings_options, write_json)
 from .methods import METHODS
 
@@ -108,12 +108,6 @@ def _pm(mean: float, half: float | None, scale: float = 100.0, signed: bool = Fa
         return "–"
     text = f"{scale * mean:+.1f}" if signed else f"{scale * mean:.1f}"
     return text + (f" ± {scale * half:.1f}" if half is not None else " ± –")
-
-
-def _mem(n) -> str:
-    if n is None:
-        return "–"
-    return f"{n / 1024 ** 2:.2f} MB" if n >= 1024 ** 2 else f"{n / 1024:.1f} KB"
 
 
 def _macs(n) -> str:
@@ -227,10 +221,10 @@ def _table2(s: dict) -> list[str]:
             lines.append(f"| {m} | 0 | " + " | ".join(["–"] * (len(head) - 2)) + " |")
             continue
         lines.append("| " + " | ".join([
-            m, str(c["episodes"]), _mem(c["backward_bytes"]), _ratio(c["backward_bytes"], ref.get("backward_bytes")),
+            m, str(c["episodes"]), format_bytes(c["backward_bytes"]), _ratio(c["backward_bytes"], ref.get("backward_bytes")),
             _macs(c["backward_macs"]) if c["backward_macs"] else "0",
             _ratio(c["backward_macs"], ref.get("backward_macs")) if c["backward_macs"] else "–",
-            _mem(c["arena_bytes"]), f"{c['end_to_end']:.2f}", f"{c['selection']:.2f}", f"{c['training']:.2f}",
+            format_bytes(c["arena_bytes"]), f"{c['end_to_end']:.2f}", f"{c['selection']:.2f}", f"{c['training']:.2f}",
             f"{100 * c['selection_share']:.1f}%"]) + " |")
     return lines
 
@@ -301,7 +295,7 @@ def write_figure(out: Path, backbone: str, s: dict) -> str | None:
         ax.scatter(c["backward_macs"], 100 * a, s=size, alpha=0.5, color=color, edgecolors="black",
                    linewidths=0.6, zorder=3)
         ys.append(100 * a)
-        label = f"{m}\n{_mem(c['backward_bytes'])}"
+        label = f"{m}\n{format_bytes(c['backward_bytes'])}"
         if ref and m != REFERENCE:
             label += f" ({c['backward_bytes'] / ref:.2g}× mem)"
         dy = label_dy.get(m, 0.0)
@@ -405,3 +399,34 @@ def write_report(out: Path) -> dict:
     return summary
 
 
+
+
+def estimate_wall_time(records: list[dict], backbones: list[str], methods: list[str], domains: int, episodes: int,
+                       workers: list[int]) -> list[str]:
+    """Lines estimating a grid's wall time from measured records: per (backbone, method), the mean
+    ``task_seconds`` of its successful records (seconds on one worker, a single-threaded process
+    on one core); the grid's task-seconds are those means times ``domains`` x ``episodes``, and N
+    workers need at least task-seconds / N (perfect packing) and at least the longest task.
+    Raises GridError when a (backbone, method) has no measured record."""
+    times: dict = {}
+    for r in records:
+        if "error" not in r and r.get("task_seconds") is not None:
+            times.setdefault((r["backbone"], r["method"]), []).append(r["task_seconds"])
+    missing = [f"{b}/{m}" for b in backbones for m in methods if (b, m) not in times]
+    if missing:
+        raise GridError(f"no successful record to time {', '.join(missing)}")
+    lines = ["Mean seconds per task (successful records; n per cell):", "",
+             "| backbone | " + " | ".join(methods) + " | per (domain, episode) |", "|---" * (len(methods) + 2) + "|"]
+    total = 0.0
+    for b in backbones:
+        cells = [(float(np.mean(times[(b, m)])), len(times[(b, m)])) for m in methods]
+        total += sum(c[0] for c in cells) * domains * episodes
+        lines.append(f"| {b} | " + " | ".join(f"{t:.2f} (n={n})" for t, n in cells)
+                     + f" | {sum(c[0] for c in cells):.1f} |")
+    longest = max(max(times[(b, m)]) for b in backbones for m in methods)
+    n_tasks = len(backbones) * len(methods) * domains * episodes
+    lines += ["", f"Grid: {len(backbones)} backbone(s) x {len(methods)} method(s) x {domains} domain(s) x {episodes} "
+                  f"episode(s) = {n_tasks:,} tasks, {total:,.0f} task-seconds ({duration(total)} on one worker).",
+              f"Estimated wall time (task-seconds / workers; never below the longest task, {longest:.0f} s):"]
+    lines += [f"  {w:>4} worker(s): {duration(max(total / w, longest))}" for w in workers]
+    return lines

@@ -249,3 +249,21 @@ def test_a_worker_refuses_files_that_differ_from_the_clients(inputs, tmp_path):
     assert "accuracy_after" not in record
     record = evaluation.run_task({**tasks[0], "weights": str(tmp_path / "absent.npz")})
     assert "cannot be read" in record["error"] and "same paths" in record["error"]
+
+
+def test_estimate_wall_time_from_measured_task_times(tmp_path, capsys):
+    from microtrain.evaluation_report import estimate_wall_time
+
+    records = [{"backbone": "b", "method": m, "task_seconds": t} for m, t in
+               (("none", 1.0), ("none", 3.0), ("tinytrain", 10.0), ("tinytrain", 30.0))]
+    records.append({"backbone": "b", "method": "tinytrain", "task_seconds": 999.0, "error": "diverged"})  # not timed
+    lines = estimate_wall_time(records, ["b"], ["none", "tinytrain"], 9, 200, [1, 8, 64, 10 ** 6])
+    assert "| b | 2.00 (n=2) | 20.00 (n=2) | 22.0 |" in lines
+    total = 22.0 * 9 * 200  # 39,600 task-seconds
+    assert f"= 3,600 tasks, {total:,.0f} task-seconds (11h00m on one worker)." in "\n".join(lines)
+    assert lines[-4:] == ["     1 worker(s): 11h00m", "     8 worker(s): 1h22m", "    64 worker(s): 10m19s",
+                          "  1000000 worker(s): 30s"]  # never below the longest task
+    with pytest.raises(evaluation.GridError, match="no successful record to time b/lastlayer"):
+        estimate_wall_time(records, ["b"], ["lastlayer"], 1, 1, [1])
+    assert evaluate.main(["estimate", "--out", str(tmp_path)]) == 2
+    assert "no episodes/ folder" in capsys.readouterr().err
