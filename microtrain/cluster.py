@@ -19,6 +19,8 @@ The device side (``adapt``, ``predict``) never imports this module.
 """
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import sys
 import uuid
@@ -45,19 +47,29 @@ CONNECT_SECONDS = 30.0  # how long to wait for the scheduler to answer
 def connect(address: str, timeout: float | None = None):
     """A ``dask.distributed.Client`` for a scheduler address (tcp://HOST:PORT) or a scheduler file
     (the JSON ``dask scheduler --scheduler-file`` writes). Raises GridError (one line) when dask is
-    not installed or the scheduler does not answer within ``timeout`` seconds (CONNECT_SECONDS)."""
+    not installed or the scheduler does not answer within ``timeout`` seconds (CONNECT_SECONDS).
+    The scheduler is probed first: a Client that failed to connect would complain at exit."""
     timeout = CONNECT_SECONDS if timeout is None else timeout
     try:
         from dask.distributed import Client
+        from distributed.comm import connect as open_comm
     except ImportError:
         raise GridError("--scheduler needs dask.distributed: pip install 'microtrain[cluster]'") from None
-    where = {"scheduler_file": address} if address.endswith(".json") else {"address": address}
-    if "scheduler_file" in where and not Path(address).is_file():
-        raise GridError(f"scheduler file {address} not found")
+    if address.endswith(".json"):
+        try:
+            address = json.loads(Path(address).read_text())["address"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise GridError(f"cannot read the scheduler file {address} ({type(exc).__name__}: {exc})") from None
+
+    async def probe():
+        comm = await open_comm(address, timeout=timeout)
+        await comm.close()
+
     try:
-        return Client(**where, timeout=timeout, set_as_default=False)
+        asyncio.run(probe())
     except (OSError, TimeoutError, ValueError) as exc:
         raise GridError(f"cannot reach the Dask scheduler at {address}: {str(exc).splitlines()[0]}") from None
+    return Client(address, timeout=timeout, set_as_default=False)
 
 
 def check_workers(client, tasks: list[dict]) -> None:

@@ -4,6 +4,7 @@ with a worker killed mid-run: tests/cluster_check.py (run by .ci/run)."""
 from __future__ import annotations
 
 import ast
+import gc
 import json
 import os
 from pathlib import Path
@@ -72,6 +73,7 @@ def test_unreachable_scheduler_is_one_line(tmp_path, capsys, monkeypatch):
             str(tmp_path / "o")]
     monkeypatch.setattr(cluster, "CONNECT_SECONDS", 2.0)  # nothing listens on port 9 (discard)
     assert evaluate.main(argv) == 2
+    gc.collect()  # a Client that failed to connect would complain from __del__
     err = capsys.readouterr().err
     assert err.startswith("error: cannot reach the Dask scheduler at tcp://127.0.0.1:9") and err.count("\n") == 1
 
