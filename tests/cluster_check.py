@@ -32,6 +32,7 @@ def records(out: Path) -> dict:
 
 
 def _diff(a, b, path=""):
+    """(field, one, other) for every field two records disagree on."""
     if isinstance(a, dict) and isinstance(b, dict):
         return [d for k in set(a) | set(b) for d in _diff(a.get(k), b.get(k), f"{path}.{k}")]
     return [] if a == b else [(path, a, b)]
@@ -105,8 +106,8 @@ def main() -> int:
         problems = [f"{len(dask)} records from the cluster, {len(pool)} from the local pool, 24 expected"] \
             if not len(dask) == len(pool) == 24 or set(dask) != set(pool) else []
         problems += [f"{name}: {rec['error']}" for name, rec in dask.items() if "error" in rec]
-        problems += [f"{name} differs from the local pool's: " + str(_diff(comparable(dask[name]), comparable(pool[name]))) for name in dask
-                     if name in pool and comparable(dask[name]) != comparable(pool[name])]
+        problems += [f"{name} differs from the local pool's: {_diff(comparable(rec), comparable(pool[name]))}"
+                     for name, rec in dask.items() if name in pool and comparable(rec) != comparable(pool[name])]
         if killed_after >= 24:
             problems.append("the grid had finished before the kill: not mid-run")
         if not any(r["worker"]["pid"] == pids[victim] for r in dask.values()):
