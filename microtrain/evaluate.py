@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "named by its file stem. Default: the five target domains " + ",".join(DEFAULT_DOMAINS)
                         + " (tinyimagenet is an in-domain control, kept out of the averages)")
     g.add_argument("--backbones", default="mcunet-5fps",
-                   help=f"comma list of shared backbones ({', '.join(BACKBONES)}; converted on first use) or "
-                        "microtrain weight files (.npz, named by their stem). Default: %(default)s")
+                   help=f"comma list of backbone names ({', '.join(BACKBONES)}: the shared ImageNet ones, converted "
+                        "on first use, and their meta-trained versions) or microtrain weight files (.npz, named by "
+                        "their stem). Default: %(default)s")
     seeds = g.add_mutually_exclusive_group()
     seeds.add_argument("--episodes", type=int, help="episodes per domain, seeds 0..N-1 (default 10)")
     seeds.add_argument("--seeds", help="episode seeds instead: 'a-b' (inclusive), or a comma list of seeds "
@@ -90,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "time of a grid of --domains x --episodes with them on each number of --workers. "
                                      "Defaults: the paper's full comparison.")
     est.add_argument("--out", default="runs/eval", help="the folder a run wrote (default %(default)s)")
-    est.add_argument("--backbones", default=",".join(BACKBONES), help="backbone keys of the records (default %(default)s)")
+    est.add_argument("--backbones", default=",".join(BACKBONES[:3]),
+                     help="backbone keys of the records (default %(default)s)")
     est.add_argument("--methods", default=",".join(PAPER_METHODS), help="default: the paper's six, %(default)s")
     est.add_argument("--domains", type=int, default=9, help="domains in the grid (default %(default)s)")
     est.add_argument("--episodes", type=int, default=200, help="episodes per domain (default %(default)s)")

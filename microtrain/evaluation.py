@@ -50,7 +50,10 @@ DOMAINS = {
     "tinyimagenet": ("tinyimagenet.zip", "Tiny-ImageNet (in-domain)", True),
 }
 DEFAULT_DOMAINS = ("traffic_sign", "omniglot", "flowers", "dtd", "quickdraw")
-BACKBONES = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
+# the shared backbones, then their meta-trained versions (checkpoint.BACKBONES, not imported here:
+# it loads NumPy, see the module docstring; tests/test_evaluate.py checks that the two agree)
+BACKBONES = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3", "mcunet-5fps-meta", "mbv2-w0.35-meta",
+             "proxyless-w0.3-meta")
 PAPER_METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytl", "tinytrain")  # Table 1's rows
 IDENTITY = ("backbone", "domain", "seed", "method")  # what names a task and its record
 # Record fields that depend on where and when a task ran, not on what it computed: a record from a
@@ -248,10 +251,12 @@ def resolve_domain(spec: str) -> tuple[str, str, str]:
 
 
 def resolve_backbone(spec: str):
-    """(key, weight file path, network) of a --backbones entry; converts a shared one on first use."""
+    """(key, weight file path, network) of a --backbones entry: a weight file, or a backbone name
+    (checkpoint.backbone_file: a shared one is converted on first use, a meta-trained one ships
+    in weights/)."""
     # lazy: loads NumPy (module docstring)
     from .adapt import UsageError as AdaptUsageError, _resolve_model
-    from .checkpoint import ensure_converted
+    from .checkpoint import backbone_file
 
     path = Path(spec)
     if path.suffix == ".npz":
@@ -262,7 +267,7 @@ def resolve_backbone(spec: str):
         return _key(path.stem), str(path.resolve()), net
     if spec not in BACKBONES:
         raise GridError(f"unknown backbone {spec!r}: use one of {', '.join(BACKBONES)} or a .npz weight file")
-    weights = ensure_converted(spec)
+    weights = backbone_file(spec)
     return spec, str(weights), _resolve_model(str(weights))
 
 

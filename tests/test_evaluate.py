@@ -198,6 +198,12 @@ def test_report_needs_a_run(tmp_path, capsys):
     assert "no episodes/ folder" in capsys.readouterr().err
 
 
+def test_backbone_names_agree_with_the_checkpoint_module():
+    from microtrain.checkpoint import BACKBONES
+
+    assert evaluation.BACKBONES == tuple(BACKBONES)
+
+
 def test_seeds_round_trip():
     assert evaluation.parse_seeds("0-4,10,12-13,3") == [0, 1, 2, 3, 4, 10, 12, 13]
     assert evaluation.format_seeds([0, 1, 2, 3, 4, 10, 12, 13]) == "0-4,10,12-13"
