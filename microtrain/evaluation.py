@@ -10,10 +10,10 @@ record with an ``error`` field, not the end of the run. ``OUT/config.json`` hold
 a rerun with other settings into the same folder is refused.
 
 Tasks run in a local pool of spawned processes (``run_pool``; no dependency beyond the device's)
-or on a Dask cluster (``microtrain.cluster.run_on_cluster``, optional; this module never imports it). Both call ``run_task``, which first
-checks that the data and weight files it opens have the SHA-256 the client computed, so a worker
-refuses to compute on other data. The command line is ``python -m microtrain.evaluate``; the
-tables and figures are ``microtrain.evaluation_report``.
+or on a Dask cluster (``microtrain.cluster.run_on_cluster``, optional; this module never imports
+it). Both call ``run_task``, which first checks that the data and weight files it opens have the
+SHA-256 the client computed, so a worker refuses to compute on other data. The command line is
+``python -m microtrain.evaluate``; the tables and figures are ``microtrain.evaluation_report``.
 
 Nothing here imports NumPy at module level: a spawned worker imports this module, and its
 thread settings must be in place before NumPy (OpenBLAS) and Numba load.
