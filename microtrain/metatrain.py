@@ -312,7 +312,7 @@ def metatrain(args, log=print) -> dict:
     if out.suffix != ".npz":
         raise UsageError(f"--out must name a .npz weight file, got {out}")
     files = _source_files(args)
-    net = base_net = _resolve_model(args.model)
+    net = _resolve_model(args.model)
     base = {"name": net.name, "sha256": net.arch["source"]["sha256"], "file": net.arch["source"]["file"]}
     if "meta_training" in net.arch:
         raise UsageError(f"{args.model} is already meta-trained; start from an ImageNet backbone")
@@ -382,9 +382,10 @@ def metatrain(args, log=print) -> dict:
 
     test = EpisodeSource(files["test"], net.resolution, cache=True)
     log(f"in-domain check on the 20 test classes ({cfg.val_episodes} episodes) ...")
-    best_net = Network(net.arch, best)
-    test_acc = {name: dict(zip(("accuracy", "ci95"), mean_ci(evaluate_episodes(n, test, cfg.val_episodes, TEST_SEED, cfg.way, cfg.shot, cfg.query))))
-                for name, n in (("before", base_net), ("after", best_net))}
+    # the base network afresh: training changed ``net`` in place
+    test_acc = {name: dict(zip(("accuracy", "ci95"), mean_ci(evaluate_episodes(
+        n, test, cfg.val_episodes, TEST_SEED, cfg.way, cfg.shot, cfg.query))))
+        for name, n in (("before", _resolve_model(args.model)), ("after", Network(net.arch, best)))}
     log(f"  test classes: {test_acc['before']['accuracy']:.2f}% before, {test_acc['after']['accuracy']:.2f}% after")
     provenance = {
         "base": base, "data": data, "config": dataclasses.asdict(cfg),

@@ -145,7 +145,13 @@ def test_output_records_its_provenance(source, tmp_path):
     assert [h["episode"] for h in p["meta_validation"]["history"]] == [0, 2, 4, 6, 8]
     best = max(p["meta_validation"]["history"], key=lambda h: h["accuracy"])
     assert p["meta_validation"]["best"]["accuracy"] == best["accuracy"]
-    assert set(p["meta_test"]) == {"before", "after"}
+    # the in-domain check scores the base network and the best weights, each on the same episodes
+    from microtrain.adapt import _resolve_model
+
+    test = mt.EpisodeSource(data / "miniimagenet_test.zip", 16)
+    for key, net in (("before", _resolve_model(str(weights))), ("after", mt.Network(arch, arrays))):
+        acc = mt.evaluate_episodes(net, test, 3, mt.TEST_SEED, 2, 2, 2)
+        assert p["meta_test"][key]["accuracy"] == pytest.approx(100 * acc.mean())
     assert "--episodes 8" in p["command"]
     # the output holds the best checkpoint's weights, which the state file kept
     best_weights = mt.load_state(mt.state_path(out))[2]
