@@ -41,6 +41,7 @@ from .methods import full_update
 from .model import Network
 from .optim import SGD
 from .paths import MissingSharedError, shared_file
+from .stats import mean_ci
 from .train import TrainingDiverged, prototype_accuracy
 
 SOURCES = {"train": "miniimagenet_train.zip", "val": "miniimagenet_val.zip", "test": "miniimagenet_test.zip"}
@@ -139,23 +140,11 @@ def evaluate_episodes(net: Network, source: EpisodeSource, count: int, seed0: in
     return acc
 
 
-def mean_ci(acc: np.ndarray) -> tuple[float, float]:
-    """Mean and 95% interval half-width (Student's t) of per-episode accuracies, in percent."""
-    n = len(acc)
-    if n < 2:
-        return 100 * float(np.mean(acc)), float("nan")
-    t = _t975(n - 1)
-    return 100 * float(np.mean(acc)), 100 * t * float(np.std(acc, ddof=1)) / math.sqrt(n)
-
-
-def _t975(dof: int) -> float:
-    """The 97.5% quantile of Student's t with ``dof`` degrees of freedom (Cornish-Fisher
-    expansion around the normal quantile; within 1e-3 for dof >= 3)."""
-    z = 1.959963984540054
-    g1 = (z ** 3 + z) / 4
-    g2 = (5 * z ** 5 + 16 * z ** 3 + 3 * z) / 96
-    g3 = (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / 384
-    return z + g1 / dof + g2 / dof ** 2 + g3 / dof ** 3
+def accuracy_ci(acc: np.ndarray) -> tuple[float, float | None]:
+    """Mean and 95% interval half-width (Student's t; None for one episode) of per-episode
+    accuracies (fractions), in percent."""
+    m, h, _ = mean_ci(acc)
+    return 100 * m, None if h is None else 100 * h
 
 
 class MetaTrainer:
@@ -272,9 +261,9 @@ def _config(args) -> MetaConfig:
     cfg = MetaConfig(episodes=args.episodes, way=args.way, shot=args.shot, query=args.query, peak_lr=args.lr,
                      momentum=args.momentum, weight_decay=args.weight_decay, augment=not args.no_augment,
                      seed=args.seed, checkpoint_every=args.checkpoint_every, val_episodes=args.val_episodes)
-    if min(cfg.episodes, cfg.way - 1, cfg.shot, cfg.query, cfg.checkpoint_every, cfg.val_episodes) < 1:
-        raise UsageError("--episodes, --shot, --query, --checkpoint-every and --val-episodes must be >= 1 "
-                         "and --way >= 2")
+    if min(cfg.episodes, cfg.way - 1, cfg.shot, cfg.query, cfg.checkpoint_every, cfg.val_episodes - 1) < 1:
+        raise UsageError("--episodes, --shot, --query and --checkpoint-every must be >= 1, --way and "
+                         "--val-episodes >= 2")
     if not cfg.peak_lr > cfg.start_lr or cfg.momentum < 0 or cfg.weight_decay < 0:
         raise UsageError(f"--lr must exceed {cfg.start_lr}; --momentum and --weight-decay must be >= 0")
     return cfg
@@ -340,7 +329,7 @@ def metatrain(args, log=print) -> dict:
         log(f"meta-validation before training ({cfg.val_episodes} episodes, {cfg.way}-way {cfg.shot}-shot "
             f"{cfg.query}-query) ...")
         acc = evaluate_episodes(net, val, cfg.val_episodes, VAL_SEED, cfg.way, cfg.shot, cfg.query)
-        m, h = mean_ci(acc)
+        m, h = accuracy_ci(acc)
         state["validation"].append({"episode": 0, "accuracy": m, "ci95": h})
         state["best"] = {"episode": 0, "accuracy": m, "ci95": h}
         best = {k: v.copy() for k, v in net.state().items()}
@@ -367,7 +356,7 @@ def metatrain(args, log=print) -> dict:
             if tty:
                 print(file=sys.stderr)
             acc = evaluate_episodes(net, val, cfg.val_episodes, VAL_SEED, cfg.way, cfg.shot, cfg.query)
-            m, h = mean_ci(acc)
+            m, h = accuracy_ci(acc)
             state["validation"].append({"episode": i + 1, "accuracy": m, "ci95": h})
             state["losses"].append({"episode": i + 1, "mean_loss": float(np.mean(losses[-cfg.checkpoint_every:]))})
             improved = m > state["best"]["accuracy"]
@@ -383,7 +372,7 @@ def metatrain(args, log=print) -> dict:
     test = EpisodeSource(files["test"], net.resolution, cache=True)
     log(f"in-domain check on the 20 test classes ({cfg.val_episodes} episodes) ...")
     # the base network afresh: training changed ``net`` in place
-    test_acc = {name: dict(zip(("accuracy", "ci95"), mean_ci(evaluate_episodes(
+    test_acc = {name: dict(zip(("accuracy", "ci95"), accuracy_ci(evaluate_episodes(
         n, test, cfg.val_episodes, TEST_SEED, cfg.way, cfg.shot, cfg.query))))
         for name, n in (("before", _resolve_model(args.model)), ("after", Network(net.arch, best)))}
     log(f"  test classes: {test_acc['before']['accuracy']:.2f}% before, {test_acc['after']['accuracy']:.2f}% after")

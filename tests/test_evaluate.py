@@ -16,7 +16,8 @@ import pytest
 from conftest import grid_inputs
 from microtrain import evaluate, evaluation
 from microtrain.adapt import _resolve_model
-from microtrain.evaluation_report import _label_offsets, t_quantile
+from microtrain.evaluation_report import _label_offsets
+from microtrain.stats import t_quantile
 from microtrain.train import FinetuneConfig
 
 REPO = Path(__file__).resolve().parent.parent

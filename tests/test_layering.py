@@ -23,7 +23,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "microtrain"
 # "__init__" is the package's own file). Names not written yet are assigned already, so that the
 # modules in flight land where they belong.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("foundations", ("paths", "architecture", "checks")),  # import nothing of microtrain
+    ("foundations", ("paths", "architecture", "checks", "stats")),  # import nothing of microtrain
     ("kernels", ("kernels",)),
     ("engine", ("selection", "memory", "autograd", "optim")),
     ("files", ("torch_archive", "weight_format", "layouts", "checkpoint", "classifier_format", "data")),

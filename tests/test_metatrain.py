@@ -161,7 +161,8 @@ def test_output_records_its_provenance(source, tmp_path):
 
 @pytest.mark.parametrize("extra, message", [
     (["--episodes", "0"], "--episodes"),
-    (["--way", "1"], "--way >= 2"),
+    (["--way", "1"], "--way and --val-episodes >= 2"),
+    (["--val-episodes", "1"], "--way and --val-episodes >= 2"),
     (["--lr", "-1"], "--lr must exceed"),
 ])
 def test_bad_arguments_are_one_line_errors(source, tmp_path, capsys, extra, message):
