@@ -2,7 +2,8 @@
 
     python tools/bench.py kernels [--threads N] [--repeats R]
     python tools/bench.py step [--backbones mcunet-5fps,mbv2-w0.35,proxyless-w0.3] [--repeats R]
-                               [--threads T] [--profile missed|all|off]
+                               [--threads T] [--batch 1,25,100] [--methods fulltrain,...]
+                               [--profile missed|all|off]
     python tools/bench.py rss [--threads T] [--runs K]
 
 ``kernels``: for the MCUNet-5fps (128x128) target shapes at batch 1, the time of forward,
@@ -11,15 +12,19 @@ PyTorch CPU measured in the same run with the same thread count, and the ratio m
 has no channel-masked weight gradient, so both weight rows compare against its full one.
 Without torch it prints microtrain's figures only.
 
-``step``: per backbone, batch 1 at its resolution, the time of ONE training step (forward +
-backward + SGD update; no data loading or augmentation) of each method -- ``none`` (forward only),
+``step``: per backbone at its resolution and per batch size (``--batch 1,25,100``; default 1), the
+time of ONE training step (forward + backward + SGD update; no data loading or augmentation) and
+the time per image, of each method (``--methods``; default all at batch 1, ``fulltrain`` -- what
+meta-training runs -- when a larger batch is asked, batch 1 then measured too) -- ``none`` (forward only),
 ``lastlayer``, ``fulltrain``, ``sparseupdate`` and one fixed TinyTrain selection (planned once on
 the default task's support set under the default budgets) -- for microtrain (an ``Executor`` on
-``net.protonet_graph(1, ways, scale)``) and for PyTorch (``tools/torch_mbconv.py``, same weights,
+``net.protonet_graph(batch, ways, scale)``) and for PyTorch (``tools/torch_mbconv.py``, same weights,
 same prototype loss, ``requires_grad`` on the trained layers' parameters only, whole layers since
 torch cannot restrict channels; ``torch.optim.SGD`` with the same momentum). The two are timed
 interleaved batch by batch in one process; the table gives medians, their spread, the ratio, and
-the planned backward memory and backward MACs of each method. Without ``--threads`` each library
+the planned backward memory and backward MACs of each method; targets: batch 1 per method
+(``STEP_TARGETS``), FullTrain at batch 100 at most PyTorch's time and no more time per image
+than at batch 1. Without ``--threads`` each library
 keeps its own default thread count (printed); with it, both are set (OpenBLAS and Numba through
 the environment before NumPy is imported, torch with ``set_num_threads``). ``--profile`` splits
 microtrain's step of the MCUNet methods that miss their target (or all) by op and phase into
@@ -288,7 +293,16 @@ STEP_METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytrain")
 BACKBONES = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
 TARGET_BACKBONE = "mcunet-5fps"
 PAUSE_S = 0.3  # before each timed batch when a library runs more than one thread
-STEP_TARGETS = {"none": 1.5, "fulltrain": 1.0, "tinytrain": 0.5}  # mt/torch step time, MCUNet
+STEP_TARGETS = {"none": 1.5, "fulltrain": 1.0, "tinytrain": 0.5}  # mt/torch step time, MCUNet, batch 1
+BATCH_TARGETS = {"fulltrain": 1.0}  # mt/torch step time, MCUNet, batch >= BATCH_TARGET_SIZE (meta-training)
+BATCH_TARGET_SIZE = 100
+
+
+def _step_target(method: str, batch: int) -> float | None:
+    """The mt/torch target of a method at a batch size, if it has one."""
+    if batch == 1:
+        return STEP_TARGETS.get(method)
+    return BATCH_TARGETS.get(method) if batch >= BATCH_TARGET_SIZE else None
 
 
 def _loaded(busy: float, threads: int) -> bool:
@@ -370,7 +384,17 @@ def default_task(name: str):
 
 
 class StepCase:
-    """One method on one backbone: a microtrain step and a torch step on the same input."""
+    """One method on one backbone at one batch size (``len(x)``): a microtrain step and a torch
+    step on the same input."""
+
+    @staticmethod
+    def momentum_of(plan, cfg) -> float:
+        return cfg.momentum if plan.momentum is None else plan.momentum
+
+    @staticmethod
+    def lr_of(plan, cfg) -> float:
+        """The learning rate fine-tuning would use: the user's, else the method's own default."""
+        return cfg.lr if cfg.lr is not None else (getattr(plan, "lr", None) or 3e-3)
 
     def __init__(self, method, plan, net0, cfg, x, protos, label, torch):
         from microtrain.autograd import Executor
@@ -378,14 +402,13 @@ class StepCase:
         from microtrain.tinytrain import backward_macs
         from torch_mbconv import build_torch_model, prototype_loss, set_trainable
 
-        self.method, self.plan = method, plan
-        self.momentum = cfg.momentum if plan.momentum is None else plan.momentum
-        # the learning rate fine-tuning would use: the user's, else the method's own default
-        self.lr = cfg.lr if cfg.lr is not None else (getattr(plan, "lr", None) or 3e-3)
+        self.method, self.plan, self.batch = method, plan, len(x)
+        self.momentum = self.momentum_of(plan, cfg)
+        self.lr = self.lr_of(plan, cfg)
         ways = len(protos)
         # microtrain: its own copy of the weights (SGD writes them), one planned executor.
         net = net0.copy()
-        self.run = run = Executor(net.protonet_graph(1, ways, cfg.scale), plan.selection,
+        self.run = run = Executor(net.protonet_graph(self.batch, ways, cfg.scale), plan.selection,
                                   momentum=self.momentum > 0)
         self.feeds = feeds = {"image": x, "prototypes": protos, "labels": label}
         self.trains = plan.trains
@@ -576,8 +599,7 @@ def _profile_mt(case: StepCase, steps: int) -> None:
 
 
 def _conv_kind(weight_shape) -> str | None:
-    """depthwise / pointwise / conv from a weight shape (batch is 1, so the weight is the 4-D
-    shape whose first dimension is not)."""
+    """depthwise / pointwise / conv from a conv's weight shape (O, I/groups, k, k)."""
     if len(weight_shape) != 4:
         return None
     if weight_shape[1] == 1 and weight_shape[0] > 1:
@@ -637,6 +659,37 @@ def _compare(mt_step_us, mt_groups, torch_step_us, torch_groups, torch_plain_us)
           f"{torch_plain_us:.0f})")
 
 
+def _parse_batches(text: str) -> list[int]:
+    try:
+        batches = sorted({int(b) for b in text.split(",") if b.strip()})
+    except ValueError:
+        raise SystemExit(f"--batch takes comma-separated integers, got {text!r}") from None
+    if not batches or batches[0] < 1:
+        raise SystemExit(f"--batch sizes must be >= 1, got {text!r}")
+    if batches[-1] > 1 and batches[0] != 1:
+        batches.insert(0, 1)  # the per-image target compares against batch 1
+    return batches
+
+
+def _parse_methods(text: str | None, batches: list[int]) -> list[str]:
+    if text is None:  # a batched run is about the method meta-training uses
+        return list(STEP_METHODS) if batches == [1] else ["fulltrain"]
+    methods = [m for m in text.split(",") if m]
+    bad = [m for m in methods if m not in STEP_METHODS]
+    if bad or not methods:
+        raise SystemExit(f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(STEP_METHODS)}")
+    return [m for m in STEP_METHODS if m in methods]
+
+
+def _batch_input(images, batch: int, to_input):
+    """``batch`` support images (cycling through the support set) as float32 (B, 3, R, R) and
+    their labels int64 (B,)."""
+    import numpy as np
+
+    idx = np.arange(batch) % len(images.support)
+    return to_input(images.support[idx]), images.support_labels[idx].copy()
+
+
 def cmd_step(args) -> int:
     import numpy as np
 
@@ -653,8 +706,11 @@ def cmd_step(args) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     backbones = [b for b in args.backbones.split(",") if b]
-    print(f"bench.py step: one training step at batch 1; median of {args.repeats} interleaved batches "
-          f"(>= 50 ms each) after warm-up; numpy {np.__version__}, torch {torch.__version__}")
+    batches = _parse_batches(args.batch)
+    methods = _parse_methods(args.methods, batches)
+    print(f"bench.py step: one training step at batch {', '.join(map(str, batches))}; methods {', '.join(methods)}; "
+          f"median of {args.repeats} interleaved batches (>= 50 ms each) after warm-up; numpy {np.__version__}, "
+          f"torch {torch.__version__}")
     print(thread_report(args.threads, torch, getattr(args, "policy", None)))
     threads_used = max(torch.get_num_threads(), _openblas_threads()[0] or 1)
     multi = threads_used > 1
@@ -671,76 +727,103 @@ def cmd_step(args) -> int:
         net, images, budgets, cfg = default_task(name)
         ways = int(images.support_labels.max()) + 1
         protos = class_prototypes(embed(net, images.support), images.support_labels, ways)
-        x = to_input(images.support[:1])
-        label = images.support_labels[:1].copy()
         plans = {}
-        for method in STEP_METHODS:
+        for method in methods:
             plans[method] = plan_method(method, net, images.support, images.support_labels, budgets, cfg.scale,
                                         cfg.momentum > 0, seed=cfg.seed)
-        cases = [StepCase(m, plans[m], net, cfg, x, protos, label, torch) for m in STEP_METHODS]
+        x, label = _batch_input(images, 1, to_input)
+        probe = StepCase(methods[0], plans[methods[0]], net, cfg, x, protos, label, torch)
         # parity: the same network and loss on both sides
-        mt_loss = cases[0].run.forward(cases[0].feeds, train=False)
+        mt_loss = probe.run.forward(probe.feeds, train=False)
         with torch.no_grad():
             from torch_mbconv import prototype_loss
-            t_loss = float(prototype_loss(cases[0].model.features(torch.from_numpy(x)), torch.from_numpy(protos),
+            t_loss = float(prototype_loss(probe.model.features(torch.from_numpy(x)), torch.from_numpy(protos),
                                           torch.from_numpy(label), cfg.scale))
-        tt = plans["tinytrain"]
         print(f"\n== {name}: {net.resolution}x{net.resolution}, {len(net.layers)} convs, "
-              f"{net.forward_macs / 1e6:.2f}M forward MACs; task: {ways}-way, {len(images.support)} support images; "
-              f"budgets {budgets.memory / 1024:.0f} KiB / {budgets.macs / 1e6:.2f}M MACs; SGD lr/momentum "
-              + ", ".join(f"{c.method} {c.lr:g}/{c.momentum:g}" for c in cases if c.trains)
+              f"{net.forward_macs / 1e6:.2f}M forward MACs; task: {ways}-way, {len(images.support)} support images "
+              f"(a batch of B cycles through them); budgets {budgets.memory / 1024:.0f} KiB / "
+              f"{budgets.macs / 1e6:.2f}M MACs; SGD lr/momentum "
+              + ", ".join(f"{m} {StepCase.lr_of(plans[m], cfg):g}/{StepCase.momentum_of(plans[m], cfg):g}"
+                          for m in methods if plans[m].trains)
               + f"; loss on one image: mt {mt_loss:.6f}, torch {t_loss:.6f}")
-        print(f"TinyTrain selection (planned once, {tt.seconds:.2f} s, then fixed): "
-              + "; ".join(f"{n} {k}/{c} channels (score {s:.3g})" for n, k, c, s in tt.choices))
-        su = plans["sparseupdate"].info
-        print(f"SparseUpdate: biases of the last {su['bias_layers']} convs; weights of "
-              + ", ".join(f"{n} ({k} input ch)" for n, k in su["weight_layers"].items()))
-        header = (f"{'method':<13} {'mt params':>9} {'torch params':>12} {'bwd mem KiB':>11} {'bwd MACs':>9} "
-                  f"{'mt ms':>8} {'+-':>4} {'torch ms':>8} {'+-':>4} {'mt/torch':>8} {'busy':>5}")
+        del probe
+        if "tinytrain" in plans:
+            tt = plans["tinytrain"]
+            print(f"TinyTrain selection (planned once, {tt.seconds:.2f} s, then fixed): "
+                  + "; ".join(f"{n} {k}/{c} channels (score {s:.3g})" for n, k, c, s in tt.choices))
+        if "sparseupdate" in plans:
+            su = plans["sparseupdate"].info
+            print(f"SparseUpdate: biases of the last {su['bias_layers']} convs; weights of "
+                  + ", ".join(f"{n} ({k} input ch)" for n, k in su["weight_layers"].items()))
+        header = (f"{'method':<13} {'batch':>5} {'mt params':>9} {'torch params':>12} {'bwd mem KiB':>11} "
+                  f"{'bwd MACs':>9} {'mt ms':>9} {'+-':>4} {'mt ms/img':>9} {'torch ms':>9} {'+-':>4} "
+                  f"{'torch ms/img':>12} {'mt/torch':>8} {'busy':>5}")
         if name == TARGET_BACKBONE:
             header += "  target"
         print(header)
         print("-" * len(header))
         results = {}
-        for case in cases:
-            row_load = OtherCPU()
-            mt_t, torch_t = interleaved_times([case.mt_step, case.torch_step], args.repeats, pause_s=pause)
-            busy = row_load.cores()
-            ratio = _median(mt_t) / _median(torch_t)
-            results[case.method] = (case, _median(mt_t), ratio, _median(torch_t), busy)
-            line = (f"{case.method:<13} {case.mt_params:>9} {case.torch_params:>12} "
-                    f"{case.backward_bytes / 1024:>11.1f} {case.backward_macs / 1e6:>8.2f}M "
-                    f"{_median(mt_t) * 1e3:>8.2f} {_spread(mt_t):>4.0%} {_median(torch_t) * 1e3:>8.2f} "
-                    f"{_spread(torch_t):>4.0%} {ratio:>8.2f} {busy:>5.2f}")
-            if name == TARGET_BACKBONE and case.method in STEP_TARGETS:
-                target = STEP_TARGETS[case.method]
-                met = ratio <= target
-                line += f"  <= {target:.1f}x {'met' if met else 'MISSED'}"
-                verdicts.append((case.method, ratio, target, met, busy))
-            print(line, flush=True)
+        for batch in batches:
+            x, label = _batch_input(images, batch, to_input)
+            cases = [StepCase(m, plans[m], net, cfg, x, protos, label, torch) for m in methods]
+            for case in cases:
+                row_load = OtherCPU()
+                mt_t, torch_t = interleaved_times([case.mt_step, case.torch_step], args.repeats, pause_s=pause)
+                busy = row_load.cores()
+                mt_s, t_s = _median(mt_t), _median(torch_t)
+                ratio = mt_s / t_s
+                results[case.method, batch] = (mt_s, ratio, t_s, busy)
+                line = (f"{case.method:<13} {batch:>5} {case.mt_params:>9} {case.torch_params:>12} "
+                        f"{case.backward_bytes / 1024:>11.1f} {case.backward_macs / 1e6:>8.2f}M "
+                        f"{mt_s * 1e3:>9.2f} {_spread(mt_t):>4.0%} {mt_s / batch * 1e3:>9.2f} "
+                        f"{t_s * 1e3:>9.2f} {_spread(torch_t):>4.0%} {t_s / batch * 1e3:>12.2f} "
+                        f"{ratio:>8.2f} {busy:>5.2f}")
+                target = _step_target(case.method, batch)
+                if name == TARGET_BACKBONE and target is not None:
+                    met = ratio <= target
+                    line += f"  <= {target:.1f}x {'met' if met else 'MISSED'}"
+                    verdicts.append((f"{case.method} at batch {batch}", ratio, target, met, busy))
+                print(line, flush=True)
+            if args.profile != "off" and (name == TARGET_BACKBONE or args.profile == "all"):
+                chosen = [c for c in cases if args.profile == "all"
+                          or (name == TARGET_BACKBONE and _step_target(c.method, batch) is not None
+                              and (results[c.method, batch][1] > _step_target(c.method, batch)
+                                   or _loaded(results[c.method, batch][3], threads_used)))]
+                steps = max(3, args.profile_steps // batch)
+                for case in chosen:
+                    print(f"\nprofile of {name} {case.method} at batch {batch} (target "
+                          f"{_step_target(case.method, batch) or '-'}x, ratio {results[case.method, batch][1]:.2f}):")
+                    mt_us, mt_groups = _profile_mt(case, steps=steps)
+                    t_us, t_groups = _profile_torch(case, steps=steps)
+                    _compare(mt_us, mt_groups, t_us, t_groups, results[case.method, batch][2] * 1e6)
+                if chosen:
+                    print()
+            del cases  # a batch-100 executor's arena is hundreds of MB
         print(f"(busy = cores other processes used while that row was measured; "
               f"+- = half the interquartile range over the batches, as a share of the median; bwd mem = the "
               f"planner's backward memory: weights being updated + gradients/momentum + activations kept; "
               f"torch trains whole layers, hence its parameter count; {time.perf_counter() - t0:.0f} s)")
         print(load_line(f"during {name}", other, threads=max(torch.get_num_threads(), _openblas_threads()[0] or 1)))
-        if name == TARGET_BACKBONE:
-            fwd, torch_tt = results["none"][1], results["tinytrain"][3]
+        if name == TARGET_BACKBONE and ("none", 1) in results and ("tinytrain", 1) in results:
+            fwd, torch_tt = results["none", 1][0], results["tinytrain", 1][2]
             print(f"TinyTrain floor: microtrain's forward alone takes {fwd * 1e3:.2f} ms = {fwd / torch_tt:.2f}x "
                   f"torch's whole TinyTrain step ({torch_tt * 1e3:.2f} ms); the {STEP_TARGETS['tinytrain']}x target "
                   f"needs microtrain's whole step under {STEP_TARGETS['tinytrain'] * torch_tt * 1e3:.2f} ms")
-        if args.profile != "off" and (name == TARGET_BACKBONE or args.profile == "all"):
-            chosen = [m for m in STEP_METHODS if args.profile == "all"
-                      or (name == TARGET_BACKBONE and m in STEP_TARGETS
-                          and (results[m][2] > STEP_TARGETS[m] or _loaded(results[m][4], threads_used)))]
-            for method in chosen:
-                print(f"\nprofile of {name} {method} (target {STEP_TARGETS.get(method, '-')}x, "
-                      f"ratio {results[method][2]:.2f}):")
-                case = results[method][0]
-                mt_us, mt_groups = _profile_mt(case, steps=args.profile_steps)
-                t_us, t_groups = _profile_torch(case, steps=args.profile_steps)
-                _compare(mt_us, mt_groups, t_us, t_groups, results[method][3] * 1e6)
+        if name == TARGET_BACKBONE and batches[-1] > 1:
+            for method in methods:
+                one, big = results[method, 1], results[method, batches[-1]]
+                per1, per_big = one[0], big[0] / batches[-1]
+                line = (f"{method}: microtrain {per1 * 1e3:.2f} ms per image at batch 1, {per_big * 1e3:.2f} at batch "
+                        f"{batches[-1]} ({per_big / per1:.2f}x); torch {one[2] * 1e3:.2f} and "
+                        f"{big[2] / batches[-1] * 1e3:.2f}")
+                if method == "fulltrain" and batches[-1] >= BATCH_TARGET_SIZE:
+                    met = per_big <= per1
+                    line += f"  (target: no higher at batch {batches[-1]}: {'met' if met else 'MISSED'})"
+                    verdicts.append((f"fulltrain ms/image at batch {batches[-1]} vs 1", per_big / per1, 1.0, met,
+                                     max(one[3], big[3])))
+                print(line)
     if verdicts:
-        print(f"\ntargets ({TARGET_BACKBONE}, mt/torch step time in this run): "
+        print(f"\ntargets ({TARGET_BACKBONE}, microtrain/torch step time, or batch-N/batch-1 time per image, in this run): "
               + "; ".join(f"{m} {r:.2f}x vs <= {t:.1f}x {'met' if ok else 'MISSED'}"
                           + (f" (measured while other processes used {b:.2f} cores: not reliable)"
                              if _loaded(b, threads_used) else "")
@@ -889,7 +972,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=("missed", "all", "off"), default="missed",
                    help="profile microtrain's step of the MCUNet methods that miss their target or were "
                         "measured under load (default), of every method on every backbone, or none")
-    p.add_argument("--profile-steps", type=int, default=50, help="steps per profile (default %(default)s)")
+    p.add_argument("--batch", default="1",
+                   help="comma-separated batch sizes (default 1); with a size > 1, batch 1 is measured too "
+                        "(the time-per-image target compares against it)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated, from {','.join(STEP_METHODS)} (default: all at batch 1 only; "
+                        f"fulltrain, the method meta-training runs, when a larger batch is asked)")
+    p.add_argument("--profile-steps", type=int, default=50,
+                   help="images per profile: steps = max(3, this / batch) (default %(default)s)")
     p.set_defaults(func=cmd_step)
     p = sub.add_parser("rss", help="peak RSS and wall time of a whole adaptation, microtrain vs PyTorch")
     p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
