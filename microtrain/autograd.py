@@ -217,6 +217,17 @@ class Pointwise(_Dense):
         n, _, h, w = shapes[0]
         return (n, node.weight.shape[0], h, w)
 
+    def backward_workspace(self, node, shapes, upd):
+        # the weight gradient packs the rows of a few images side by side on small maps
+        if upd is None or not upd.trains_weight:
+            return {}
+        x_shape = shapes[0][:1] + (shapes[0][1] if upd.inputs is None else len(upd.inputs),) + shapes[0][2:]
+        size = kpw.pointwise_backward_weight_scratch_size(x_shape, len(upd.weight))
+        return {"grad-pack": ((size,), F32)} if size else {}
+
+    def weight_grad(self, node, dw, dy, saved, channels):
+        kpw.pointwise_backward_weight(dw, dy, saved["x"], channels, saved.get("grad-pack"))
+
 
 class Linear(_Dense):
     kind = "linear"

@@ -178,6 +178,44 @@ def test_pointwise_and_linear_match_twin(data):
           R.linear_backward_weight(abs(d(dy2)), abs(d(x2)), ch), N)
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_pointwise_weight_gradient_over_a_batch_matches_twin(data):
+    """The three ways the weight gradient runs agree with the twin: x transposed when the whole
+    batch has fewer than SHORT_DOT positions, rows read in place image by image for maps of
+    PACK_POSITIONS or more (or one image), and otherwise the rows of several images packed side
+    by side (the last block shorter). A masked gradient is the full one's rows bit for bit, and
+    a scratch full of junk changes nothing."""
+    from microtrain.kernels import pointwise as kpw
+
+    path = data.draw(st.sampled_from(["transposed", "in place", "packed"]), label="path")
+    if path == "transposed":
+        N, H, W = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 4)), data.draw(st.integers(1, 5))
+    elif path == "in place":
+        N = data.draw(st.integers(1, 3), label="N")
+        H, W = (23, 23) if N > 1 else (data.draw(st.integers(8, 12)), data.draw(st.integers(8, 12)))
+    else:
+        H, W = data.draw(st.integers(1, 6), label="H"), data.draw(st.integers(2, 6), label="W")
+        G = -(-kpw.PACK_POSITIONS // (H * W))
+        N = data.draw(st.integers(max(2, -(-kpw.SHORT_DOT // (H * W))), 2 * G + 3), label="N")
+    assert (N * H * W < kpw.SHORT_DOT) == (path == "transposed")
+    assert (N == 1 or H * W >= kpw.PACK_POSITIONS) == (path == "in place") or path == "transposed"
+    I, O = data.draw(st.integers(1, 9), label="I"), data.draw(st.integers(1, 9), label="O")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    x, dy = f32(rng, N, I, H, W), f32(rng, N, O, H, W)
+    ch = subset(data, O)
+    full = np.arange(O, dtype=np.int64)
+
+    dw = np.full((O, I, 1, 1), np.nan, np.float32)
+    K.pointwise_backward_weight(dw, dy, x, full)
+    close(dw, R.pointwise_backward_weight(d(dy), d(x), full),
+          R.pointwise_backward_weight(abs(d(dy)), abs(d(x)), full), N * H * W)
+    part = np.full((len(ch), I, 1, 1), np.nan, np.float32)
+    junk = np.full(kpw.pointwise_backward_weight_scratch_size(x.shape, len(ch)) + 5, np.nan, np.float32)
+    K.pointwise_backward_weight(part, dy, x, ch, junk)
+    np.testing.assert_array_equal(part, dw[ch])
+
+
 # --------------------------------------------------------------------------- element-wise
 @SETTINGS
 @given(data=st.data())

@@ -172,6 +172,8 @@ SCRATCH_OPS = {  # the convolutions that take a scratch: arguments before it, an
                                K.conv2d_forward_scratch_size((1, 2, 8, 8), 3, 2, 2)),
     "depthwise_backward_weight": (K.depthwise_backward_weight, lambda: [e(2, 1, 3, 3), f(1, 3, 5, 5), f(1, 2, 5, 5), 1, I64(2, 0)],
                                   K.depthwise_scratch_size((1, 2, 5, 5), 3, 1)),
+    "pointwise_backward_weight": (K.pointwise_backward_weight, lambda: [e(2, 2, 1, 1), f(3, 4, 3, 3), f(3, 2, 3, 3), I64(1, 3)],
+                                  K.pointwise_backward_weight_scratch_size((3, 2, 3, 3), 2)),
 }
 
 

@@ -1,8 +1,8 @@
 """Numba kernels by op family, forward and backward side by side.
 
 Every public kernel writes into destinations it is given, validates its inputs cheaply and raises
-``KernelInputError`` naming the op. None allocates, except that the k x k convolutions' forward
-and backward-input allocate their scratch when the caller passes none (the executor passes
+``KernelInputError`` naming the op. None allocates, except that the k x k convolutions and the
+pointwise weight gradient allocate their scratch when the caller passes none (the executor passes
 planned buffers; ``*_scratch_size`` gives the sizes). ``reference`` holds slow NumPy
 twins used by the tests. Importing this package compiles (or loads from Numba's cache) every
 kernel once.
@@ -27,7 +27,7 @@ from .head import (
 )
 from .pointwise import (
     linear_backward_input, linear_backward_weight, linear_forward, pointwise_backward_input,
-    pointwise_backward_weight, pointwise_forward,
+    pointwise_backward_weight, pointwise_backward_weight_scratch_size, pointwise_forward,
 )
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "conv2d_forward_scratch_size", "conv2d_backward_input_scratch_size",
     "depthwise_forward", "depthwise_backward_input", "depthwise_backward_weight", "depthwise_scratch_size",
     "pointwise_forward", "pointwise_backward_input", "pointwise_backward_weight",
+    "pointwise_backward_weight_scratch_size",
     "linear_forward", "linear_backward_input", "linear_backward_weight",
     "relu6_forward", "relu6_forward_save_mask", "relu6_backward", "add_forward", "accumulate",
     "bias_backward", "global_avg_pool_forward", "global_avg_pool_backward",
