@@ -274,6 +274,25 @@ def test_elementwise_match_twin(data):
     close(gx, R.global_avg_pool_backward(d(dout), (H, W)), R.global_avg_pool_backward(abs(d(dout)), (H, W)), 2)
 
 
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 63, 511, 512, 513, 520, 1024, 1031, 5000])
+def test_relu6_mask_blocks_at_every_boundary(size):
+    """The mask's bit planes per block of MASK_BLOCK elements (the last block short, its unused
+    bits 0) match the twin's layout, and backward reads back exactly the elements inside (0, 6)."""
+    from microtrain.kernels.elementwise import MASK_BLOCK
+
+    rng = np.random.default_rng(size)
+    x = (f32(rng, size) * 5 + 2).astype(np.float32)
+    mask = np.full((size + 7) // 8, 0xFF, np.uint8)
+    out = np.empty_like(x)
+    K.relu6_forward_save_mask(out, mask, x)
+    np.testing.assert_array_equal(mask, R.relu6_mask(x, MASK_BLOCK))
+    np.testing.assert_array_equal(out, R.relu6_forward(x))
+    dy = f32(rng, size)
+    dx = np.full_like(dy, np.nan)
+    K.relu6_backward(dx, dy, mask)
+    np.testing.assert_array_equal(dx, R.relu6_backward(dy, x))
+
+
 @SETTINGS
 @given(data=st.data())
 def test_pool_and_upsample_match_twin(data):

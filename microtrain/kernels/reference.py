@@ -119,10 +119,18 @@ def relu6_forward(x):
     return np.clip(x, 0, 6)
 
 
-def relu6_mask(x):
-    """The packed 1-bit mask: bit i (LSB first) of the flattened x set iff 0 < x < 6."""
-    flat = x.reshape(-1)
-    return np.packbits((flat > 0) & (flat < 6), bitorder="little")
+def relu6_mask(x, block=512):
+    """The packed 1-bit mask of 0 < x < 6 over the flattened x, in blocks of ``block`` elements:
+    in a block of r elements and m = ceil(r / 8) bytes, bit b of byte k is element b * m + k."""
+    inside = (x.reshape(-1) > 0) & (x.reshape(-1) < 6)
+    parts = [np.zeros(0, np.uint8)]
+    for start in range(0, inside.size, block):
+        r = min(block, inside.size - start)
+        m = -(-r // 8)
+        planes = np.zeros(8 * m, np.uint8)
+        planes[:r] = inside[start:start + r]
+        parts.append((planes.reshape(8, m) << np.arange(8, dtype=np.uint8)[:, None]).sum(axis=0).astype(np.uint8))
+    return np.concatenate(parts)
 
 
 def relu6_backward(dy, x):
