@@ -21,8 +21,9 @@ the default task's support set under the default budgets) -- for microtrain (an 
 ``net.protonet_graph(batch, ways, scale)``) and for PyTorch (``tools/torch_mbconv.py``, same weights,
 same prototype loss, ``requires_grad`` on the trained layers' parameters only, whole layers since
 torch cannot restrict channels; ``torch.optim.SGD`` with the same momentum). The two are timed
-interleaved batch by batch in one process; the table gives medians, their spread, the ratio, and
-the planned backward memory and backward MACs of each method; targets: batch 1 per method
+interleaved batch by batch in one process; the table gives medians, their spread, the ratio, the
+process CPU time per image of each (what a step costs on a loaded machine, whatever share of the
+cores it got), and the planned backward memory and backward MACs of each method; targets: batch 1 per method
 (``STEP_TARGETS``), FullTrain at batch 100 at most PyTorch's time and no more time per image
 than at batch 1. Without ``--threads`` each library
 keeps its own default thread count (printed); with it, both are set (OpenBLAS and Numba through
@@ -312,9 +313,12 @@ def _loaded(busy: float, threads: int) -> bool:
 
 
 def interleaved_times(fns, repeats: int, min_batch_s: float = 0.05, warmup: int = 3,
-                      pause_s: float = 0.0) -> list[list[float]]:
+                      pause_s: float = 0.0, cpu: list | None = None) -> list[list[float]]:
     """Per function, ``repeats`` sorted seconds-per-call, measured in batches that alternate
-    between the functions (first one first on even rounds, last one first on odd rounds).
+    between the functions (first one first on even rounds, last one first on odd rounds). With
+    ``cpu`` (a list), the process CPU seconds per call of each batch go there too, sorted, one
+    list per function: on a loaded machine that is what a step costs, whatever share of the
+    cores the scheduler gave it (all threads' CPU summed).
 
     Each function is warmed up ``warmup`` calls, then its batch is sized to last ``min_batch_s``.
     ``pause_s`` > 0 sleeps before every batch: an idle OpenBLAS worker keeps spinning on a core for
@@ -337,6 +341,7 @@ def interleaved_times(fns, repeats: int, min_batch_s: float = 0.05, warmup: int 
             number *= 2
         numbers.append(number)
     samples: list[list[float]] = [[] for _ in fns]
+    cpu_samples: list[list[float]] = [[] for _ in fns]
     for r in range(repeats):
         order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
         for i in order:
@@ -344,10 +349,13 @@ def interleaved_times(fns, repeats: int, min_batch_s: float = 0.05, warmup: int 
             if pause_s > 0:
                 time.sleep(pause_s)
             fn()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(number):
                 fn()
             samples[i].append((time.perf_counter() - t0) / number)
+            cpu_samples[i].append((time.process_time() - c0) / number)
+    if cpu is not None:
+        cpu.extend(sorted(s) for s in cpu_samples)
     return [sorted(s) for s in samples]
 
 
@@ -757,7 +765,7 @@ def cmd_step(args) -> int:
                   + ", ".join(f"{n} ({k} input ch)" for n, k in su["weight_layers"].items()))
         header = (f"{'method':<13} {'batch':>5} {'mt params':>9} {'torch params':>12} {'bwd mem KiB':>11} "
                   f"{'bwd MACs':>9} {'mt ms':>9} {'+-':>4} {'mt ms/img':>9} {'torch ms':>9} {'+-':>4} "
-                  f"{'torch ms/img':>12} {'mt/torch':>8} {'busy':>5}")
+                  f"{'torch ms/img':>12} {'mt/torch':>8} {'cpu ms/img mt':>13} {'torch':>6} {'ratio':>5} {'busy':>5}")
         if name == TARGET_BACKBONE:
             header += "  target"
         print(header)
@@ -768,16 +776,20 @@ def cmd_step(args) -> int:
             cases = [StepCase(m, plans[m], net, cfg, x, protos, label, torch) for m in methods]
             for case in cases:
                 row_load = OtherCPU()
-                mt_t, torch_t = interleaved_times([case.mt_step, case.torch_step], args.repeats, pause_s=pause)
+                cpu = []
+                mt_t, torch_t = interleaved_times([case.mt_step, case.torch_step], args.repeats, pause_s=pause,
+                                                  cpu=cpu)
                 busy = row_load.cores()
                 mt_s, t_s = _median(mt_t), _median(torch_t)
+                mt_c, t_c = _median(cpu[0]), _median(cpu[1])
                 ratio = mt_s / t_s
                 results[case.method, batch] = (mt_s, ratio, t_s, busy)
                 line = (f"{case.method:<13} {batch:>5} {case.mt_params:>9} {case.torch_params:>12} "
                         f"{case.backward_bytes / 1024:>11.1f} {case.backward_macs / 1e6:>8.2f}M "
                         f"{mt_s * 1e3:>9.2f} {_spread(mt_t):>4.0%} {mt_s / batch * 1e3:>9.2f} "
                         f"{t_s * 1e3:>9.2f} {_spread(torch_t):>4.0%} {t_s / batch * 1e3:>12.2f} "
-                        f"{ratio:>8.2f} {busy:>5.2f}")
+                        f"{ratio:>8.2f} {mt_c / batch * 1e3:>13.2f} {t_c / batch * 1e3:>6.2f} {mt_c / t_c:>5.2f} "
+                        f"{busy:>5.2f}")
                 target = _step_target(case.method, batch)
                 if name == TARGET_BACKBONE and target is not None:
                     met = ratio <= target
@@ -799,7 +811,9 @@ def cmd_step(args) -> int:
                 if chosen:
                     print()
             del cases  # a batch-100 executor's arena is hundreds of MB
-        print(f"(busy = cores other processes used while that row was measured; "
+        print(f"(cpu = median process CPU time per image, every thread summed: on a loaded machine, what a "
+              f"step costs whatever share of the cores it got; busy = cores other processes used while that "
+              f"row was measured; "
               f"+- = half the interquartile range over the batches, as a share of the median; bwd mem = the "
               f"planner's backward memory: weights being updated + gradients/momentum + activations kept; "
               f"torch trains whole layers, hence its parameter count; {time.perf_counter() - t0:.0f} s)")
