@@ -387,7 +387,8 @@ def metatrain(args, log=print) -> dict:
         else "python -m microtrain.metatrain " + " ".join(args.argv),
     }
     arch = {**net.arch, "name": f"{net.name}-meta", "meta_training": provenance}
-    save_weights(out, arch, best)
+    # the ImageNet classifier is not trained here and few-shot adaptation never reads it
+    save_weights(out, arch, {k: v for k, v in best.items() if not k.startswith("classifier.")})
     log(f"wrote {out}: best meta-validation {state['best']['accuracy']:.2f}% at episode "
         f"{state['best']['episode']} (before: {state['validation'][0]['accuracy']:.2f}%)")
     return provenance
