@@ -5,11 +5,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import strategies as st
+from hypothesis import settings, strategies as st
 
 from microtrain.architecture import layer_specs
 from microtrain.model import Network
 from microtrain.paths import shared_dir
+
+# A handful of reproducible examples per property, for runs where every example is expensive: the
+# kernel tests under qemu on emulated aarch64 (tools/arm_check.py passes --hypothesis-profile=aarch64).
+settings.register_profile("aarch64", max_examples=8, derandomize=True, database=None, deadline=None)
 
 
 def random_arrays(arch: dict, seed: int = 0, scale: float = 0.5) -> dict[str, np.ndarray]:

@@ -1,0 +1,430 @@
+"""The device path on 64-bit ARM, checked on this machine under an emulated Cortex-A53.
+
+The boards microtrain is for (Raspberry Pi Zero 2: Cortex-A53; Jetson Nano: Cortex-A57) are
+aarch64, and the engine compiles its Numba kernels for whatever CPU it runs on. This runs the
+device path there, on Debian's arm64 Python 3.11 with the aarch64 wheels of numba, llvmlite,
+NumPy and Pillow, under ``qemu-user`` emulating a Cortex-A53, the kernels compiled for that CPU
+(``NUMBA_CPU_NAME``) as Numba compiles them on a Pi Zero 2:
+
+1. kernels: ``tests/test_kernels.py`` (every kernel, forward, input gradient and channel-selected
+   weight gradient, against its NumPy twin in ``microtrain/kernels/reference.py``, with the
+   tests' own error bounds) under the Hypothesis profile ``aarch64``: 8 reproducible drawn
+   shapes per op family instead of 100;
+2. adaptation: ``python -m microtrain.adapt --way 5 --shot 5 --query-shots 5 --epochs 1`` on the
+   host and on aarch64, compared: the same layers, channel counts and updated weight rows, the
+   same accuracies before and after, the same planned memory and backward MACs; weights within
+   ``WEIGHT_ATOL`` and selection scores and losses within ``RTOL`` (the platforms sum in a
+   different order where a kernel may reorder a reduction: see README, "Platforms");
+3. prediction: ``python -m microtrain.predict`` with the host's adapted classifier on a few images
+   of the episode's classes, host and aarch64 compared the same way. HOOK: it runs when
+   ``microtrain/predict.py`` exists (issue 11); until then it says in one line that it did not.
+
+    python tools/arm_check.py                   # build or reuse the emulated sysroot, run 1-3
+    python tools/arm_check.py --if-available    # .ci/run: one line, exit 0, when it cannot be set up
+
+The sysroot (about 420 MB) is built once by ``../shared/tools/aarch64-sysroot.sh`` (needs root for
+apt-get and access to the Debian and PyPI registries) into ``--sysroot``, by default
+``$XDG_CACHE_HOME/microtrain/aarch64-sysroot`` (``~/.cache/...``), and reused after; the tests'
+pure-Python tools (pytest, Hypothesis) are added beside it at the host's versions. The emulated
+kernels are cached in ``.numba_cache/aarch64-<cpu>/`` of the checkout. Emulated work runs under
+``nice -n 5``. Exit status: 0 passed (or not set up, with ``--if-available``), 1 a part failed or
+the platforms differ beyond the stated tolerances, 2 the emulator could not be set up.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from microtrain.paths import shared_dir  # noqa: E402
+
+CPU = "cortex-a53"  # Raspberry Pi Zero 2's core: the smallest board the project targets
+ADAPT_ARGS = ["--way", "5", "--shot", "5", "--query-shots", "5", "--epochs", "1"]
+MODEL = "mcunet-5fps"  # adapt's default backbone, the one ADAPT_ARGS adapts
+# Tolerances between host (x86-64) and aarch64 results. Forward and input-gradient kernels and the
+# image pipeline give the same bits on both; the kernels allowed to reorder a float32 sum (weight
+# gradients, pooling, norms: ``reassoc`` in microtrain/kernels/_jit.py) split it over as many
+# vector lanes as the CPU has (8 with AVX2, 4 with NEON), so their results differ in the last bits
+# and an adaptation's weights drift apart by about 1e-7 per epoch (measured 2.4e-7 after one).
+WEIGHT_ATOL = 1e-5      # absolute, on adapted float32 weights, prototypes and prediction scores
+RTOL = 1e-5             # relative, on Fisher scores and losses
+PREDICT_IMAGES_PER_CLASS = 2
+TEST_TOOLS = ("pytest", "pluggy", "iniconfig", "packaging", "pygments", "hypothesis", "sortedcontainers")
+# report.json keys that measure this run rather than its results
+VOLATILE_KEYS = {"time_seconds", "selection_share", "peak_rss_mb", "seconds"}
+
+
+class Unavailable(Exception):
+    """The emulator or the aarch64 sysroot cannot be set up here."""
+
+
+class Mismatch(Exception):
+    """A part failed, or host and aarch64 differ beyond the stated tolerances."""
+
+
+class NotRun(Exception):
+    """A part that cannot run in this checkout (the reason is printed, the check goes on)."""
+
+
+def default_sysroot() -> Path:
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "microtrain" / "aarch64-sysroot"
+
+
+# --------------------------------------------------------------------------- set-up
+class Emulator:
+    """Runs commands on the emulated aarch64 Python of a sysroot built by aarch64-sysroot.sh."""
+
+    def __init__(self, sysroot: Path):
+        self.root = sysroot
+        self.python = sysroot / "root" / "usr" / "bin" / "python3.11"
+        self.site = sysroot / "site"
+        self.test_site = sysroot / "test-site"
+        self.qemu = shutil.which("qemu-aarch64-static")
+
+    def ready(self) -> bool:
+        return bool(self.qemu) and self.python.is_file() and (self.site / "numba").is_dir()
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        env.update(QEMU_LD_PREFIX=str(self.root / "root"), QEMU_CPU=CPU, NUMBA_CPU_NAME=CPU,
+                   NUMBA_CACHE_DIR=str(REPO / ".numba_cache" / f"aarch64-{CPU}"),
+                   PYTHONPATH=os.pathsep.join(map(str, (REPO, self.site, self.test_site))),
+                   MICROTRAIN_SHARED=str(shared_dir()))
+        return env
+
+    def command(self, *args: str) -> list[str]:
+        return ["nice", "-n", "5", self.qemu, str(self.python), *args]
+
+
+def set_up(emu: Emulator, log) -> dict:
+    """Build the sysroot if needed, add the test tools, and return the emulated library versions.
+    Raises Unavailable with a one-line reason when this machine cannot run the emulator."""
+    if not emu.ready():
+        script = shared_dir() / "tools" / "aarch64-sysroot.sh"
+        if not script.is_file():
+            raise Unavailable(f"{script} not found (set MICROTRAIN_SHARED)")
+        if not shutil.which("qemu-aarch64-static") and (os.geteuid() != 0 or not shutil.which("apt-get")):
+            raise Unavailable("qemu-aarch64-static is not installed and apt-get cannot install it here (not root)")
+        emu.root.mkdir(parents=True, exist_ok=True)
+        setup_log = emu.root / "setup.log"
+        log(f"building the aarch64 sysroot in {emu.root} (once; log in {setup_log})")
+        env = dict(os.environ, NUMBA_VERSION=importlib.metadata.version("numba"))
+        with open(setup_log, "w") as out:
+            rc = subprocess.call(["nice", "-n", "5", "bash", str(script), str(emu.root)],
+                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=emu.root)
+        emu.qemu = shutil.which("qemu-aarch64-static")
+        if rc != 0 or not emu.ready():
+            tail = setup_log.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise Unavailable(f"the sysroot could not be built (exit {rc}): {tail[0]}")
+    _add_test_tools(emu, log)
+    probe = ("import json, platform, numba, numpy, llvmlite, PIL, pytest, hypothesis; "
+             "from numba.core import config; "
+             "print(json.dumps({'machine': platform.machine(), 'python': platform.python_version(), "
+             "'numba': numba.__version__, 'llvmlite': llvmlite.__version__, 'numpy': numpy.__version__, "
+             "'Pillow': PIL.__version__, 'cpu': config.CPU_NAME}))")
+    done = subprocess.run(emu.command("-c", probe), env=emu.env(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise Unavailable(f"the emulated Python does not start: {_last_line(done.stderr)}")
+    info = json.loads(done.stdout)
+    if info["machine"] != "aarch64":
+        raise Unavailable(f"the emulated Python reports machine {info['machine']!r}, not aarch64")
+    return info
+
+
+def _add_test_tools(emu: Emulator, log) -> None:
+    """pytest and Hypothesis (pure Python) for the emulated Python, at the host's versions."""
+    try:
+        pins = sorted(f"{name}=={importlib.metadata.version(name)}" for name in TEST_TOOLS)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise Unavailable(f"the host lacks {exc.name}: pip install -e '.[test]' first") from None
+    stamp = emu.test_site / ".pins"
+    if stamp.is_file() and stamp.read_text().split() == pins:
+        return
+    log(f"adding {', '.join(pins)} for the emulated Python")
+    shutil.rmtree(emu.test_site, ignore_errors=True)
+    with tempfile.TemporaryDirectory() as wheels:
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                               "--platform", "manylinux2014_aarch64", "--python-version", "3.11", "-d", wheels,
+                               *pins], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise Unavailable(f"pip could not fetch the test tools: {_last_line(done.stderr)}")
+        for wheel in Path(wheels).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as zf:
+                zf.extractall(emu.test_site)
+    stamp.write_text("\n".join(pins) + "\n")
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def host_versions() -> dict:
+    import platform
+
+    return {"machine": platform.machine(), "python": platform.python_version(),
+            **{name: importlib.metadata.version(name) for name in ("numba", "llvmlite", "numpy", "Pillow")}}
+
+
+# --------------------------------------------------------------------------- running
+def run(cmd: list[str], env: dict | None, what: str, log_dir: Path) -> str:
+    """Run ``cmd`` in the checkout; its output goes to ``log_dir/<what>.log``. Returns stdout;
+    raises Mismatch naming the log on a non-zero exit."""
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    log_file = log_dir / f"{what.replace(' ', '-')}.log"
+    log_file.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{done.stdout}--- stderr\n{done.stderr}")
+    if done.returncode != 0:
+        raise Mismatch(f"{what} exited {done.returncode}: {_last_line(done.stderr or done.stdout)} "
+                       f"(full output: {log_file})")
+    return done.stdout
+
+
+def host_command(*args: str) -> list[str]:
+    return ["nice", "-n", "5", sys.executable, *args]
+
+
+# --------------------------------------------------------------------------- comparing
+def json_differences(a, b, where: str = "") -> list[str]:
+    """Where two JSON documents differ: floats beyond RTOL (relative) or WEIGHT_ATOL (absolute),
+    anything else not equal; keys in VOLATILE_KEYS (timings, RSS) are skipped."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where or '.'}: keys {sorted(set(a) ^ set(b))} on one platform only"]
+        return [d for k in a if k not in VOLATILE_KEYS for d in json_differences(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{where}: {len(a)} items on the host, {len(b)} on aarch64"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in json_differences(x, y, f"{where}[{i}]")]
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (a, b))
+    if numbers and (isinstance(a, float) or isinstance(b, float)):
+        same = math.isclose(a, b, rel_tol=RTOL, abs_tol=WEIGHT_ATOL) or (math.isnan(a) and math.isnan(b))
+    else:
+        same = type(a) is type(b) and a == b
+    return [] if same else [f"{where}: host {a!r}, aarch64 {b!r}"]
+
+
+def compare_arrays(name: str, a: np.ndarray, b: np.ndarray) -> tuple[float, list[str]]:
+    """(max |a - b| over floats, differences): floats within WEIGHT_ATOL, anything else equal
+    (text holding JSON compared as JSON)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return 0.0, [f"{name}: host {a.dtype} {a.shape}, aarch64 {b.dtype} {b.shape}"]
+    if a.dtype.kind == "f":
+        diff = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
+        return diff, ([] if diff <= WEIGHT_ATOL else [f"{name}: max |host - aarch64| {diff:.3g} > {WEIGHT_ATOL:g}"])
+    if np.array_equal(a, b):
+        return 0.0, []
+    try:  # metadata: a JSON string (0-d str array) or its UTF-8 bytes (uint8 array)
+        texts = [bytes(x).decode() if x.dtype == np.uint8 else str(x.item()) for x in (a, b)]
+        return 0.0, json_differences(*map(json.loads, texts), where=name)
+    except (ValueError, UnicodeDecodeError):
+        return 0.0, [f"{name}: differs"]
+
+
+def updated_rows(adapted: dict, base: dict) -> dict[str, list[int]]:
+    """For each array adaptation changed: the indices of its changed rows (output channels)."""
+    rows = {}
+    for name, value in adapted.items():
+        if name in base and value.dtype.kind == "f" and value.shape == base[name].shape:
+            changed = np.flatnonzero((value != base[name]).reshape(len(value), -1).any(axis=1)) if value.ndim else \
+                np.flatnonzero(value != base[name])
+            if changed.size:
+                rows[name] = changed.tolist()
+    return rows
+
+
+def compare_adaptations(host: Path, arm: Path, base_weights: Path) -> tuple[list[str], list[str]]:
+    """(facts, differences) between two ``adapt --out`` folders."""
+    facts, diffs = [], []
+    r_host, r_arm = (json.loads((d / "report.json").read_text()) for d in (host, arm))
+    sel_host = [(s["layer"], s["channels"], s["out_channels"]) for s in r_host["selection"]]
+    sel_arm = [(s["layer"], s["channels"], s["out_channels"]) for s in r_arm["selection"]]
+    if sel_host != sel_arm:
+        diffs.append(f"selection: host {sel_host}, aarch64 {sel_arm}")
+    for key in ("accuracy_before", "accuracy_after"):
+        if r_host[key] != r_arm[key]:
+            diffs.append(f"{key}: host {r_host[key]}, aarch64 {r_arm[key]}")
+    diffs += json_differences(r_host, r_arm, "report.json")
+    facts.append("selection " + ", ".join(f"{layer} {k}/{c}" for layer, k, c in sel_host)
+                 + f"; accuracy {100 * r_host['accuracy_before']:.0f}% -> {100 * r_host['accuracy_after']:.0f}%"
+                 + f" on both")
+    files = sorted(p.name for p in host.glob("*.npz"))
+    if files != sorted(p.name for p in arm.glob("*.npz")):
+        diffs.append(f"output files: host {files}, aarch64 {sorted(p.name for p in arm.glob('*.npz'))}")
+        return facts, diffs
+    with np.load(base_weights) as z:
+        base = {k: z[k] for k in z.files}
+    worst = (0.0, "")
+    for fname in files:
+        with np.load(host / fname) as zh, np.load(arm / fname) as za:
+            a, b = {k: zh[k] for k in zh.files}, {k: za[k] for k in za.files}
+        if set(a) != set(b):
+            diffs.append(f"{fname}: arrays {sorted(set(a) ^ set(b))} on one platform only")
+            continue
+        for k in sorted(a):
+            diff, found = compare_arrays(f"{fname}:{k}", a[k], b[k])
+            diffs += found
+            worst = max(worst, (diff, f"{fname}:{k}"))
+        rows_host, rows_arm = updated_rows(a, base), updated_rows(b, base)
+        if rows_host != rows_arm:
+            differing = sorted(k for k in set(rows_host) | set(rows_arm) if rows_host.get(k) != rows_arm.get(k))
+            diffs.append(f"{fname}: different rows updated in {differing}")
+        elif rows_host:
+            facts.append(f"{fname}: the same {sum(map(len, rows_host.values()))} rows updated in "
+                         f"{len(rows_host)} arrays")
+    facts.append(f"adapted weights: max |host - aarch64| {worst[0]:.3g} ({worst[1]}; tolerance {WEIGHT_ATOL:g})")
+    return facts, diffs
+
+
+def predict_images(report: dict, work: Path) -> Path:
+    """A class-per-folder set of a few images of each class of the adapted episode."""
+    source = Path(report["data"])
+    if source.suffix != ".zip":
+        raise Mismatch(f"the prediction hook expects the shared zip the episode came from, got {source}")
+    folder = work / "predict-images"
+    with zipfile.ZipFile(source) as zf:
+        names = sorted(n for n in zf.namelist() if not n.endswith("/"))
+        for cls in report["episode"]["classes"]:
+            for member in [n for n in names if n.startswith(f"{cls}/")][:PREDICT_IMAGES_PER_CLASS]:
+                target = folder / member
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(zf.read(member))
+    return folder
+
+
+def parse_json_output(text: str, what: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        try:  # JSON lines
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError:
+            raise Mismatch(f"{what} --json printed something that is not JSON: {text[:200]!r}") from None
+
+
+# --------------------------------------------------------------------------- the check
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sysroot", type=Path, default=default_sysroot(),
+                   help="where the aarch64 sysroot is built once and reused (default %(default)s)")
+    p.add_argument("--if-available", action="store_true",
+                   help="when the emulator cannot be set up here, say so in one line and exit 0")
+    p.add_argument("--work", type=Path, help="keep logs and outputs in this folder (default: a temporary one)")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help="comma-separated subset of %(default)s (predict uses the adaptation's outputs)")
+    args = p.parse_args(argv)
+    parts = [name.strip() for name in args.parts.split(",") if name.strip()]
+    if not parts or set(parts) - set(PARTS):
+        p.error(f"--parts takes names among {', '.join(PARTS)}")
+
+    t0 = time.perf_counter()
+    say = lambda line: print(f"arm_check: {line}", flush=True)  # noqa: E731
+    emu = Emulator(args.sysroot.resolve())
+    try:
+        arm = set_up(emu, say)
+    except Unavailable as exc:
+        say(f"aarch64 check not run: {exc}")
+        return 0 if args.if_available else 2
+    host = host_versions()
+    say(f"host {host['machine']} Python {host['python']}, numba {host['numba']}, llvmlite {host['llvmlite']}, "
+        f"NumPy {host['numpy']}, Pillow {host['Pillow']}")
+    say(f"emulated {arm['machine']} ({arm['cpu']}, qemu-user) Python {arm['python']}, numba {arm['numba']}, "
+        f"llvmlite {arm['llvmlite']}, NumPy {arm['numpy']}, Pillow {arm['Pillow']} (set up in "
+        f"{time.perf_counter() - t0:.0f} s)")
+    differing = [k for k in ("numba", "llvmlite", "numpy", "Pillow") if host[k] != arm[k]]
+    if differing:
+        say(f"note: library versions differ between the platforms ({', '.join(differing)}): "
+            "a difference below may come from them")
+
+    with tempfile.TemporaryDirectory(prefix="arm_check.") as tmp:
+        work = args.work.resolve() if args.work else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        failures, not_run = [], []
+        for name in parts:
+            t = time.perf_counter()
+            try:
+                for line in PARTS[name](emu, work):
+                    say(f"{name}: {line}")
+                say(f"{name}: ok ({time.perf_counter() - t:.0f} s)")
+            except NotRun as exc:
+                not_run.append(name)
+                say(f"{name}: not run: {exc}")
+            except Mismatch as exc:
+                failures.append(name)
+                for line in str(exc).splitlines():
+                    say(f"{name}: FAILED {line}")
+        wall = time.perf_counter() - t0
+        if failures:
+            say(f"aarch64 check FAILED ({', '.join(failures)}) in {wall:.0f} s; logs in {work}")
+            return 1
+        ran = [name for name in parts if name not in not_run]
+        say(f"aarch64 check passed in {wall:.0f} s ({', '.join(ran) or 'nothing'} on aarch64"
+            + (f"; not run: {', '.join(not_run)})" if not_run else ")"))
+    return 0
+
+
+def part_kernels(emu: Emulator, work: Path):
+    out = run(emu.command("-m", "pytest", "-p", "no:cacheprovider", "--hypothesis-profile=aarch64",
+                          "tests/test_kernels.py"), emu.env(), "kernels aarch64", work)
+    yield f"tests/test_kernels.py on aarch64: {_last_line(out)}"
+
+
+def part_adaptation(emu: Emulator, work: Path):
+    from microtrain.checkpoint import ensure_converted
+
+    base = ensure_converted(MODEL)  # on the host, before either run: the same weights for both
+    outs = {}
+    for platform_name, command, env in (("host", host_command, None), ("aarch64", emu.command, emu.env())):
+        outs[platform_name] = work / f"adapt-{platform_name}"
+        run(command("-m", "microtrain.adapt", *ADAPT_ARGS, "--model", MODEL, "--quiet",
+                    "--out", str(outs[platform_name])), env, f"adapt {platform_name}", work)
+    facts, diffs = compare_adaptations(outs["host"], outs["aarch64"], base)
+    if diffs:
+        raise Mismatch("\n".join(diffs))
+    yield from facts
+
+
+def part_predict(emu: Emulator, work: Path):
+    # HOOK for issue 11: runs `python -m microtrain.predict CLASSIFIER IMAGES --json` on both
+    # platforms, with the classifier the host's adaptation wrote, once microtrain/predict.py exists.
+    if not (REPO / "microtrain" / "predict.py").is_file():
+        raise NotRun("microtrain/predict.py is not in this checkout yet (issue 11); this hook runs it once it is")
+    host_out = work / "adapt-host"
+    classifier = host_out / "classifier.npz"
+    if not (host_out / "report.json").is_file():
+        raise Mismatch(f"no adaptation in {work}: run the adaptation part first (same --work)")
+    if not classifier.is_file():
+        raise Mismatch(f"microtrain.predict exists but the adaptation wrote no {classifier.name} in {host_out}: "
+                       "update tools/arm_check.py to the classifier's file name")
+    images = predict_images(json.loads((host_out / "report.json").read_text()), work)
+    results = {}
+    for platform_name, command, env in (("host", host_command, None), ("aarch64", emu.command, emu.env())):
+        out = run(command("-m", "microtrain.predict", str(classifier), str(images), "--json"), env,
+                  f"predict {platform_name}", work)
+        results[platform_name] = parse_json_output(out, "predict")
+    diffs = json_differences(results["host"], results["aarch64"], "predict")
+    if diffs:
+        raise Mismatch("\n".join(diffs))
+    count = sum(1 for _ in images.rglob("*") if _.is_file())
+    yield f"the same output for {count} images on both (scores within {WEIGHT_ATOL:g})"
+
+
+PARTS = {"kernels": part_kernels, "adaptation": part_adaptation, "predict": part_predict}
+
+if __name__ == "__main__":
+    sys.exit(main())
