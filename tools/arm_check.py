@@ -64,8 +64,9 @@ WEIGHT_ATOL = 1e-5      # absolute, on adapted float32 weights, prototypes and p
 RTOL = 1e-5             # relative, on Fisher scores and losses
 PREDICT_IMAGES_PER_CLASS = 2
 TEST_TOOLS = ("pytest", "pluggy", "iniconfig", "packaging", "pygments", "hypothesis", "sortedcontainers")
-# report.json keys that measure this run rather than its results
-VOLATILE_KEYS = {"time_seconds", "selection_share", "peak_rss_mb", "seconds"}
+# keys of report.json and of a classifier's provenance that describe the run (timings, memory as
+# measured under qemu, a timestamp) rather than its results
+VOLATILE_KEYS = {"time_seconds", "selection_share", "seconds", "peak_rss_mb", "peak_rss_bytes", "created"}
 
 
 class Unavailable(Exception):
@@ -221,7 +222,7 @@ def json_differences(a, b, where: str = "") -> list[str]:
 def compare_arrays(name: str, a: np.ndarray, b: np.ndarray) -> tuple[float, list[str]]:
     """(max |a - b| over floats, differences): floats within WEIGHT_ATOL, anything else equal
     (text holding JSON compared as JSON)."""
-    if a.shape != b.shape or a.dtype != b.dtype:
+    if a.shape != b.shape or (a.dtype != b.dtype and not a.dtype.kind == b.dtype.kind == "U"):
         return 0.0, [f"{name}: host {a.dtype} {a.shape}, aarch64 {b.dtype} {b.shape}"]
     if a.dtype.kind == "f":
         diff = float(np.max(np.abs(a.astype(np.float64) - b))) if a.size else 0.0
@@ -250,7 +251,9 @@ def updated_rows(adapted: dict, base: dict) -> dict[str, list[int]]:
 def compare_adaptations(host: Path, arm: Path, base_weights: Path) -> tuple[list[str], list[str]]:
     """(facts, differences) between two ``adapt --out`` folders."""
     facts, diffs = [], []
-    r_host, r_arm = (json.loads((d / "report.json").read_text()) for d in (host, arm))
+    # the same report wherever it was written: the output folder's own path stands as <out>
+    r_host, r_arm = (json.loads((d / "report.json").read_text().replace(json.dumps(str(d))[1:-1], "<out>"))
+                     for d in (host, arm))
     sel_host = [(s["layer"], s["channels"], s["out_channels"]) for s in r_host["selection"]]
     sel_arm = [(s["layer"], s["channels"], s["out_channels"]) for s in r_arm["selection"]]
     if sel_host != sel_arm:
@@ -286,7 +289,7 @@ def compare_adaptations(host: Path, arm: Path, base_weights: Path) -> tuple[list
         elif rows_host:
             facts.append(f"{fname}: the same {sum(map(len, rows_host.values()))} rows updated in "
                          f"{len(rows_host)} arrays")
-    facts.append(f"adapted weights: max |host - aarch64| {worst[0]:.3g} ({worst[1]}; tolerance {WEIGHT_ATOL:g})")
+    facts.append(f"adapted arrays: max |host - aarch64| {worst[0]:.3g} ({worst[1]}; tolerance {WEIGHT_ATOL:g})")
     return facts, diffs
 
 
@@ -407,7 +410,7 @@ def part_predict(emu: Emulator, work: Path):
     host_out = work / "adapt-host"
     classifier = host_out / "classifier.npz"
     if not (host_out / "report.json").is_file():
-        raise Mismatch(f"no adaptation in {work}: run the adaptation part first (same --work)")
+        raise Mismatch(f"no adaptation outputs in {work}: the adaptation part failed or did not run")
     if not classifier.is_file():
         raise Mismatch(f"microtrain.predict exists but the adaptation wrote no {classifier.name} in {host_out}: "
                        "update tools/arm_check.py to the classifier's file name")
