@@ -10,16 +10,20 @@ NumPy and Pillow, under ``qemu-user`` emulating a Cortex-A53, the kernels compil
    weight gradient, against its NumPy twin in ``microtrain/kernels/reference.py``, with the
    tests' own error bounds) under the Hypothesis profile ``aarch64``: 8 reproducible drawn
    shapes per op family instead of 100;
-2. adaptation: ``python -m microtrain.adapt --way 5 --shot 5 --query-shots 5 --epochs 1`` on the
+2. bits: each kernel family (forward, input gradient, channel-selected weight gradient; head and
+   element-wise kernels; subnormal inputs) on the same host-made inputs on both platforms: the
+   outputs that differ at all must agree to ``RTOL`` of their largest value, and the check lists
+   which are bit-identical and which differ;
+3. adaptation: ``python -m microtrain.adapt --way 5 --shot 5 --query-shots 5 --epochs 1`` on the
    host and on aarch64, compared: the same layers, channel counts and updated weight rows, the
    same accuracies before and after, the same planned memory and backward MACs; weights within
    ``WEIGHT_ATOL`` and selection scores and losses within ``RTOL`` (the platforms sum in a
    different order where a kernel may reorder a reduction: see README, "Platforms");
-3. prediction: ``python -m microtrain.predict`` with the host's adapted classifier on a few images
+4. prediction: ``python -m microtrain.predict`` with the host's adapted classifier on a few images
    of the episode's classes, host and aarch64 compared the same way. HOOK: it runs when
    ``microtrain/predict.py`` exists (issue 11); until then it says in one line that it did not.
 
-    python tools/arm_check.py                   # build or reuse the emulated sysroot, run 1-3
+    python tools/arm_check.py                   # build or reuse the emulated sysroot, run 1-4
     python tools/arm_check.py --if-available    # .ci/run: one line, exit 0, when it cannot be set up
 
 The sysroot (about 420 MB) is built once by ``../shared/tools/aarch64-sysroot.sh`` (needs root for
@@ -319,6 +323,105 @@ def parse_json_output(text: str, what: str):
             raise Mismatch(f"{what} --json printed something that is not JSON: {text[:200]!r}") from None
 
 
+# --------------------------------------------------------------------------- kernels bit for bit
+def kernel_outputs(inputs: dict) -> dict:
+    """Every kernel family's outputs on the same inputs (``kernel_inputs``), to compare the two
+    platforms bit for bit: forward, input gradient and channel-selected weight gradient of each
+    layer kind at MCUNet-like shapes, the element-wise and head kernels, and a depthwise and a
+    pointwise layer on subnormal inputs (a CPU flushing them to zero shows here)."""
+    import microtrain.kernels as K
+
+    i, out = inputs, {}
+    ch = i["channels"]
+
+    def triple(name, fwd, bwd_in, bwd_w, x, w, b, dy, x_sel=None):
+        out[f"{name}.forward"] = np.empty(dy.shape, np.float32)
+        fwd(out[f"{name}.forward"], x, w, b)
+        out[f"{name}.backward_input"] = np.empty_like(x)
+        bwd_in(out[f"{name}.backward_input"], dy, w)
+        out[f"{name}.backward_weight"] = np.empty((len(ch),) + w.shape[1:], np.float32)
+        bwd_w(out[f"{name}.backward_weight"], dy, x if x_sel is None else x_sel, ch)
+
+    for s in (1, 2):
+        x, w, b, dy = i[f"conv_s{s}.x"], i[f"conv_s{s}.w"], i[f"conv_s{s}.b"], i[f"conv_s{s}.dy"]
+        triple(f"conv3x3_s{s}", lambda o, x, w, b: K.conv2d_forward(o, x, w, b, s, 1),
+               lambda d, g, w: K.conv2d_backward_input(d, g, w, s, 1),
+               lambda d, g, x, c: K.conv2d_backward_weight(d, g, x, s, 1, c), x, w, b, dy)
+    for k, s in DEPTHWISE_CASES:
+        x, w, b, dy = (i[f"dw{k}_s{s}.{n}"] for n in ("x", "w", "b", "dy"))
+        triple(f"depthwise{k}x{k}_s{s}", lambda o, x, w, b: K.depthwise_forward(o, x, w, b, s),
+               lambda d, g, w: K.depthwise_backward_input(d, g, w, s),
+               lambda d, g, x, c: K.depthwise_backward_weight(d, g, x, s, c), x, w, b, dy,
+               np.ascontiguousarray(x[:, ch]))
+    for name in ("pointwise", "pointwise_subnormal"):
+        triple(name, K.pointwise_forward, K.pointwise_backward_input, K.pointwise_backward_weight,
+               *(i[f"{name}.{n}"] for n in ("x", "w", "b", "dy")))
+    x = i["dw_subnormal.x"]
+    out["depthwise3x3_subnormal.forward"] = np.empty_like(x)
+    K.depthwise_forward(out["depthwise3x3_subnormal.forward"], x, i["dw3_s1.w"], i["dw3_s1.b"] * 0, 1)
+    x = i["pointwise.dy"]
+    out["relu6.forward"] = np.empty_like(x)
+    K.relu6_forward(out["relu6.forward"], x * 4)
+    out["bias.backward"] = np.empty(len(ch), np.float32)
+    K.bias_backward(out["bias.backward"], x, ch)
+    out["global_avg_pool.forward"] = np.empty(x.shape[:2], np.float32)
+    K.global_avg_pool_forward(out["global_avg_pool.forward"], x)
+    # the head's kernels each on host-made inputs, so no difference is passed on from another
+    g, z, norms, protos = i["head.x"], i["head.z"], i["head.norms"], i["head.protos"]
+    out["l2_normalize.forward"] = np.empty_like(g)
+    K.l2_normalize_forward(out["l2_normalize.forward"], np.empty(len(g), np.float32), g)
+    out["l2_normalize.backward"] = np.empty_like(g)
+    K.l2_normalize_backward(out["l2_normalize.backward"], i["head.dz"], z, norms)
+    out["cosine_logits.forward"] = np.empty((len(z), len(protos)), np.float32)
+    K.cosine_logits_forward(out["cosine_logits.forward"], z, protos, 10.0)
+    out["cosine_logits.backward"] = np.empty_like(z)
+    K.cosine_logits_backward(out["cosine_logits.backward"], i["head.logits"], protos, 10.0)
+    out["softmax_cross_entropy.forward"] = np.empty_like(i["head.logits"])
+    loss = K.softmax_cross_entropy_forward(out["softmax_cross_entropy.forward"], i["head.logits"], i["head.labels"])
+    out["softmax_cross_entropy.loss"] = np.array([loss])
+    # the image pipeline: Pillow's decoder (PNG and JPEG), then microtrain's resize
+    from microtrain.data import decode_image, resize
+
+    for j, name in enumerate(i["images.names"]):
+        out[f"image {name}"] = resize(decode_image(i[f"images.{j}"].tobytes(), str(name), 128).transpose(2, 0, 1), 128)
+    return out
+
+
+DEPTHWISE_CASES = ((3, 1), (5, 2), (7, 1))
+
+
+def kernel_inputs(seed: int = 0) -> dict:
+    """Random float32 inputs for ``kernel_outputs`` (made on the host, read on both platforms)."""
+    rng = np.random.default_rng(seed)
+    f = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    i = {"channels": np.array([5, 0, 11, 3, 7, 30, 47], np.int64)}
+    for s in (1, 2):  # MCUNet's first conv: 3 -> 16 channels, 3x3
+        i.update({f"conv_s{s}.x": f(1, 3, 33, 33), f"conv_s{s}.w": f(48, 3, 3, 3), f"conv_s{s}.b": f(48),
+                  f"conv_s{s}.dy": f(1, 48, 33 if s == 1 else 17, 33 if s == 1 else 17)})
+    for k, s in DEPTHWISE_CASES:
+        i.update({f"dw{k}_s{s}.x": f(2, 48, 15, 15), f"dw{k}_s{s}.w": f(48, 1, k, k), f"dw{k}_s{s}.b": f(48),
+                  f"dw{k}_s{s}.dy": f(2, 48, 15 if s == 1 else 8, 15 if s == 1 else 8)})
+    i.update({"pointwise.x": f(2, 96, 8, 8), "pointwise.w": f(160, 96, 1, 1), "pointwise.b": f(160),
+              "pointwise.dy": f(2, 160, 8, 8)})
+    tiny = np.float32(1e-39)  # below float32's smallest normal, 1.18e-38
+    i.update({"pointwise_subnormal.x": i["pointwise.x"] * tiny, "pointwise_subnormal.w": i["pointwise.w"],
+              "pointwise_subnormal.b": np.zeros(160, np.float32), "pointwise_subnormal.dy": i["pointwise.dy"]})
+    i["dw_subnormal.x"] = i["dw3_s1.x"] * tiny
+    unit = lambda a: (a / np.linalg.norm(a, axis=1, keepdims=True)).astype(np.float32)  # noqa: E731
+    x = f(2, 160)
+    i.update({"head.x": x, "head.z": unit(x), "head.norms": np.linalg.norm(x, axis=1).astype(np.float32),
+              "head.dz": f(2, 160), "head.protos": unit(f(5, 160)), "head.logits": f(2, 5) * 10,
+              "head.labels": np.array([1, 4], np.int64)})
+    names = []
+    for archive in ("traffic_sign.zip", "flowers.zip"):  # PNG 32x32 (upscaled), JPEG 84x84
+        with zipfile.ZipFile(shared_dir() / "data" / archive) as zf:
+            for member in sorted(n for n in zf.namelist() if not n.endswith("/"))[:2]:
+                i[f"images.{len(names)}"] = np.frombuffer(zf.read(member), np.uint8)
+                names.append(f"{archive}:{member}")
+    i["images.names"] = np.array(names)
+    return i
+
+
 # --------------------------------------------------------------------------- the check
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -328,12 +431,17 @@ def main(argv=None) -> int:
     p.add_argument("--if-available", action="store_true",
                    help="when the emulator cannot be set up here, say so in one line and exit 0")
     p.add_argument("--work", type=Path, help="keep logs and outputs in this folder (default: a temporary one)")
+    p.add_argument("--emit-kernels", nargs=2, metavar=("INPUTS", "OUTPUTS"), type=Path, help=argparse.SUPPRESS)
     p.add_argument("--parts", default=",".join(PARTS),
                    help="comma-separated subset of %(default)s (predict uses the adaptation's outputs)")
     args = p.parse_args(argv)
     parts = [name.strip() for name in args.parts.split(",") if name.strip()]
     if not parts or set(parts) - set(PARTS):
         p.error(f"--parts takes names among {', '.join(PARTS)}")
+    if args.emit_kernels:  # the bits part runs this on each platform
+        with np.load(args.emit_kernels[0]) as z:
+            np.savez(args.emit_kernels[1], **kernel_outputs({k: z[k] for k in z.files}))
+        return 0
 
     t0 = time.perf_counter()
     say = lambda line: print(f"arm_check: {line}", flush=True)  # noqa: E731
@@ -387,6 +495,41 @@ def part_kernels(emu: Emulator, work: Path):
     yield f"tests/test_kernels.py on aarch64: {_last_line(out)}"
 
 
+def compare_bits(host: dict, arm: dict) -> tuple[list[str], list[str], list[str]]:
+    """(names with the same bits, "name relative-difference" of the others, differences beyond
+    RTOL). A difference is relative to the output's largest magnitude, so a subnormal result
+    flushed to zero on one platform counts as a difference of 1."""
+    same, differ, diffs = [], [], []
+    for name in host:
+        a, b = host[name], arm.get(name)
+        if b is None or a.shape != b.shape:
+            diffs.append(f"{name}: host {a.shape}, aarch64 {None if b is None else b.shape}")
+        elif np.array_equal(a, b):
+            same.append(name)
+        else:
+            rel = float(np.max(np.abs(a.astype(np.float64) - b)) / max(float(np.max(np.abs(a))), 1e-45))
+            differ.append(f"{name} {rel:.1e}")
+            if not rel <= RTOL:
+                diffs.append(f"{name}: host and aarch64 differ by {rel:.3g} of its largest value (> {RTOL:g})")
+    return same, differ, diffs
+
+
+def part_bits(emu: Emulator, work: Path):
+    inputs, outputs = work / "kernel-inputs.npz", {}
+    np.savez(inputs, **kernel_inputs())
+    for platform_name, command, env in (("host", host_command, None), ("aarch64", emu.command, emu.env())):
+        outputs[platform_name] = work / f"kernel-outputs-{platform_name}.npz"
+        run(command("tools/arm_check.py", "--emit-kernels", str(inputs), str(outputs[platform_name])), env,
+            f"kernels bit for bit {platform_name}", work)
+    with np.load(outputs["host"]) as zh, np.load(outputs["aarch64"]) as za:
+        same, differ, diffs = compare_bits({k: zh[k] for k in zh.files}, {k: za[k] for k in za.files})
+    if diffs:
+        raise Mismatch("\n".join(diffs))
+    yield f"the same bits on both: {len(same)} of {len(same) + len(differ)} outputs ({', '.join(same)})"
+    if differ:
+        yield f"differ in the last bits (largest difference / largest value): {', '.join(differ)}"
+
+
 def part_adaptation(emu: Emulator, work: Path):
     from microtrain.checkpoint import ensure_converted
 
@@ -427,7 +570,7 @@ def part_predict(emu: Emulator, work: Path):
     yield f"the same output for {count} images on both (scores within {WEIGHT_ATOL:g})"
 
 
-PARTS = {"kernels": part_kernels, "adaptation": part_adaptation, "predict": part_predict}
+PARTS = {"kernels": part_kernels, "bits": part_bits, "adaptation": part_adaptation, "predict": part_predict}
 
 if __name__ == "__main__":
     sys.exit(main())
