@@ -58,7 +58,6 @@ from microtrain.paths import shared_dir  # noqa: E402
 
 CPU = "cortex-a53"  # Raspberry Pi Zero 2's core: the smallest board the project targets
 ADAPT_ARGS = ["--way", "5", "--shot", "5", "--query-shots", "5", "--epochs", "1"]
-MODEL = "mcunet-5fps"  # adapt's default backbone, the one ADAPT_ARGS adapts
 # Tolerances between host (x86-64) and aarch64 results. Forward and input-gradient kernels and the
 # image pipeline give the same bits on both; the kernels allowed to reorder a float32 sum (weight
 # gradients, pooling, norms: ``reassoc`` in microtrain/kernels/_jit.py) split it over as many
@@ -462,30 +461,31 @@ def main(argv=None) -> int:
         say(f"note: library versions differ between the platforms ({', '.join(differing)}): "
             "a difference below may come from them")
 
-    with tempfile.TemporaryDirectory(prefix="arm_check.") as tmp:
-        work = args.work.resolve() if args.work else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        failures, not_run = [], []
-        for name in parts:
-            t = time.perf_counter()
-            try:
-                for line in PARTS[name](emu, work):
-                    say(f"{name}: {line}")
-                say(f"{name}: ok ({time.perf_counter() - t:.0f} s)")
-            except NotRun as exc:
-                not_run.append(name)
-                say(f"{name}: not run: {exc}")
-            except Mismatch as exc:
-                failures.append(name)
-                for line in str(exc).splitlines():
-                    say(f"{name}: FAILED {line}")
-        wall = time.perf_counter() - t0
-        if failures:
-            say(f"aarch64 check FAILED ({', '.join(failures)}) in {wall:.0f} s; logs in {work}")
-            return 1
-        ran = [name for name in parts if name not in not_run]
-        say(f"aarch64 check passed in {wall:.0f} s ({', '.join(ran) or 'nothing'} on aarch64"
-            + (f"; not run: {', '.join(not_run)})" if not_run else ")"))
+    work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="arm_check."))
+    work.mkdir(parents=True, exist_ok=True)
+    failures, not_run = [], []
+    for name in parts:
+        t = time.perf_counter()
+        try:
+            for line in PARTS[name](emu, work):
+                say(f"{name}: {line}")
+            say(f"{name}: ok ({time.perf_counter() - t:.0f} s)")
+        except NotRun as exc:
+            not_run.append(name)
+            say(f"{name}: not run: {exc}")
+        except Mismatch as exc:
+            failures.append(name)
+            for line in str(exc).splitlines():
+                say(f"{name}: FAILED {line}")
+    wall = time.perf_counter() - t0
+    if failures:
+        say(f"aarch64 check FAILED ({', '.join(failures)}) in {wall:.0f} s; logs in {work}")
+        return 1
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)  # kept above, on a failure, for its logs
+    ran = [name for name in parts if name not in not_run]
+    say(f"aarch64 check passed in {wall:.0f} s ({', '.join(ran) or 'nothing'} on aarch64"
+        + (f"; not run: {', '.join(not_run)})" if not_run else ")"))
     return 0
 
 
@@ -531,13 +531,14 @@ def part_bits(emu: Emulator, work: Path):
 
 
 def part_adaptation(emu: Emulator, work: Path):
-    from microtrain.checkpoint import ensure_converted
+    from microtrain.adapt import DEFAULT_MODEL
+    from microtrain.checkpoint import backbone_file
 
-    base = ensure_converted(MODEL)  # on the host, before either run: the same weights for both
+    base = backbone_file(DEFAULT_MODEL)  # on the host, before either run: the same weights for both
     outs = {}
     for platform_name, command, env in (("host", host_command, None), ("aarch64", emu.command, emu.env())):
         outs[platform_name] = work / f"adapt-{platform_name}"
-        run(command("-m", "microtrain.adapt", *ADAPT_ARGS, "--model", MODEL, "--quiet",
+        run(command("-m", "microtrain.adapt", *ADAPT_ARGS, "--model", DEFAULT_MODEL, "--quiet",
                     "--out", str(outs[platform_name])), env, f"adapt {platform_name}", work)
     facts, diffs = compare_adaptations(outs["host"], outs["aarch64"], base)
     if diffs:
