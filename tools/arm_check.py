@@ -447,7 +447,7 @@ def main(argv=None) -> int:
     emu = Emulator(args.sysroot.resolve())
     try:
         arm = set_up(emu, say)
-    except Unavailable as exc:
+    except (Unavailable, OSError) as exc:  # OSError: e.g. a sysroot folder that cannot be written
         say(f"aarch64 check not run: {exc}")
         return 0 if args.if_available else 2
     host = host_versions()
