@@ -223,7 +223,7 @@ def settings_of(args) -> dict:
     (stored in OUT/config.json and in every task). Raises GridError on values no episode or
     fine-tuning can use."""
     from .adapt import UsageError as AdaptUsageError, parse_bytes  # lazy: loads NumPy (module docstring)
-    from .train import FinetuneConfig
+    from .train import FinetuneConfig  # lazy: as above
 
     apply_protocol(args)
     try:
