@@ -2,7 +2,8 @@
 
 With no arguments it runs the built-in default task: MCUNet-5fps (converted from the shared
 checkpoint on first use), one 10-way 5-shot episode with 10 queries per class from the shared
-Traffic Sign data, TinyTrain under a 512 KB backward-memory budget and 15% of the forward MACs.
+Traffic Sign data, TinyTrain under a 512 KB backward-memory budget and 15% of FullTrain's backward
+MACs (the paper's budgets).
 
 It prints the selection, a progress bar, query accuracy before and after, the backward memory
 (planned, and what the arena holds) and MACs, the time split and the peak RSS, and writes the
@@ -29,7 +30,7 @@ from .episodes import EpisodeImages, from_folders, sample_episode, sample_metada
 from .methods import METHODS, Budgets
 from .paths import MissingSharedError, shared_file
 from .pipeline import adapt_episode
-from .tinytrain import BudgetError
+from .tinytrain import BudgetError, fulltrain_backward_macs
 from .train import FinetuneConfig, TrainingDiverged
 from .weight_format import save_weights
 
@@ -50,16 +51,33 @@ def parse_bytes(text: str) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def parse_macs(text: str, forward_macs: int) -> int:
-    """'15%' of the forward MACs, or an absolute count ('3.4M', '3400000')."""
+MAC_SHARES = {"": "bwd", "bwd": "bwd", "fwd": "fwd"}  # a bare '15%' is a share of FullTrain's backward MACs
+
+
+def read_mac_budget(text: str) -> tuple[float, str | None]:
+    """The syntax of a MAC budget: (percent, 'bwd' | 'fwd') for a share, (count, None) for an
+    absolute count. '15%' and '15%bwd': 15% of FullTrain's backward MACs per image (the paper's
+    reference, Table 2: TinyTrain's 6.51M of FullTrain's 44.9M on MCUNet); '15%fwd': 15% of the
+    forward MACs; '6.5M', '6500000': MACs. Raises UsageError."""
     text = str(text).strip()
-    try:
-        if text.endswith("%"):
-            return int(float(text[:-1]) / 100 * forward_macs)
-        scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1].lower(), 1)
-        return int(float(text[:-1] if scale != 1 else text) * scale)
-    except ValueError:
-        raise UsageError(f"cannot read {text!r} as a MAC budget (e.g. 15%, 3.4M)") from None
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*%\s*([a-z]*)", text.lower())
+    if m and m.group(2) in MAC_SHARES:
+        return float(m.group(1)), MAC_SHARES[m.group(2)]
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kmg]?)", text.lower())
+    if not m:
+        raise UsageError(f"cannot read {text!r} as a MAC budget (e.g. 15% or 15%bwd of FullTrain's backward "
+                         "MACs, 15%fwd of the forward MACs, 6.5M)")
+    return float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)], None
+
+
+def parse_macs(text: str, net) -> int:
+    """A MAC budget (``read_mac_budget``) in MACs for ``net`` (a ``model.Network``): a share of
+    FullTrain's backward MACs per image (``tinytrain.fulltrain_backward_macs``) or of the forward
+    MACs, or the count itself. Raises UsageError."""
+    value, share_of = read_mac_budget(text)
+    if share_of is None:
+        return int(value)
+    return int(value / 100 * (fulltrain_backward_macs(net) if share_of == "bwd" else net.forward_macs))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backward memory budget: weights updated + gradients + optimizer state + "
                         "activations kept for backward (default %(default)s)")
     g.add_argument("--mac-budget", default="15%",
-                   help="backward MAC budget: a share of the forward MACs or a count (default %(default)s)")
+                   help="backward MAC budget per image: 15%% (or 15%%bwd) is 15%% of FullTrain's backward MACs, "
+                        "the paper's reference (Table 2); 15%%fwd is 15%% of the forward MACs; 6.5M a count "
+                        "(default %(default)s)")
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the support set (default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr,
@@ -172,7 +192,7 @@ def run(args) -> dict:
     net = _resolve_model(args.model)
     episode, images, source = _load_episode(args, net.resolution)
     t_load = time.perf_counter() - t0
-    budgets = Budgets(parse_bytes(args.mem_budget), parse_macs(args.mac_budget, net.forward_macs))
+    budgets = Budgets(parse_bytes(args.mem_budget), parse_macs(args.mac_budget, net))
     cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                          scale=args.scale, batch=args.batch, seed=args.train_seed)
     if cfg.batch < 1 or cfg.epochs < 0 or (cfg.lr is not None and cfg.lr <= 0):

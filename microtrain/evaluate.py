@@ -1,11 +1,17 @@
 """Evaluate on-device training methods over many few-shot episodes: the paper's Table 1, Table 2
 and Figure 1 on the shared data or your own.
 
-    python -m microtrain.evaluate run [--methods none,tinytrain] [--domains traffic_sign,omniglot]
-                                      [--backbones mcunet-5fps] [--episodes 10 | --seeds 0-9]
+    python -m microtrain.evaluate run [--protocol quick | paper] [--methods none,tinytrain]
+                                      [--domains traffic_sign,omniglot] [--backbones mcunet-5fps]
+                                      [--episodes 10 | --seeds 0-9]
                                       [--workers 2 | --scheduler tcp://HOST:8786] [--out runs/eval]
     python -m microtrain.evaluate report [--out runs/eval]
     python -m microtrain.evaluate estimate [--out runs/eval] [--domains 9 --episodes 200 --workers 1,8,64]
+
+``--protocol`` picks a preset: ``quick`` (the default, for development: 10-way 5-shot episodes,
+every method at batch 1, MCUNet-5fps) or ``paper`` (the paper's: Meta-Dataset episodes, the
+meta-trained backbones, FullTrain and TinyTL at batch 100, the six methods of its Table 1). In
+both, TinyTrain's MAC budget is 15% of FullTrain's backward MACs, as the paper's Table 2 implies.
 
 ``run`` adapts every (backbone, domain, episode seed, method) not finished in ``--out`` yet, one
 record per task in ``OUT/episodes/<backbone>/<domain>/<method>/<seed>.json`` (written as each
@@ -28,8 +34,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-from .evaluation import (BACKBONES, DEFAULT_DOMAINS, DOMAINS, PAPER_METHODS, PROG, GridError, add_settings_options, duration,
-                         execute, parse_seeds, plan_grid, run_pool, settings_of, split_list)
+from .evaluation import (BACKBONES, DEFAULT_DOMAINS, DOMAINS, PAPER_METHODS, PROG, PROTOCOLS, GridError,
+                         add_settings_options, duration, execute, parse_seeds, plan_grid, run_pool, settings_of,
+                         split_list)
 from .paths import MissingSharedError
 
 
@@ -51,17 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Adapt every (backbone, domain, episode seed, method) not done yet in --out, "
                                    "one JSON per task, then write the report.")
     g = r.add_argument_group("what to evaluate")
-    g.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma list from {', '.join(METHODS)} (default: all)")
+    g.add_argument("--methods",
+                   help=f"comma list from {', '.join(METHODS)} (default: quick protocol all, paper protocol "
+                        f"{PROTOCOLS['paper']['methods']})")
     g.add_argument("--domains", default=",".join(DEFAULT_DOMAINS),
                    help="comma list of shared domains (" + ", ".join(DOMAINS) + ") or paths to a dataset "
                         "(class-per-folder directory, .zip of one, or .npz with x, y[, names]); a path is "
                         "named by its file stem. Default: the five target domains " + ",".join(DEFAULT_DOMAINS)
                         + " (tinyimagenet is an in-domain control, kept out of the averages)")
-    g.add_argument("--backbones", default="mcunet-5fps",
+    g.add_argument("--backbones",
                    help=f"comma list of backbone names ({', '.join(BACKBONES)}: the shared ImageNet ones, converted "
-                        "on first use, and their meta-trained versions) or microtrain weight files (.npz, named by "
-                        "their stem). Default: %(default)s")
+                        "on first use, and their meta-trained versions, in weights/) or microtrain weight files "
+                        f"(.npz, named by their stem). Default: quick protocol {PROTOCOLS['quick']['backbones']}, "
+                        f"paper protocol {PROTOCOLS['paper']['backbones']}")
     seeds = g.add_mutually_exclusive_group()
     seeds.add_argument("--episodes", type=int, help="episodes per domain, seeds 0..N-1 (default 10)")
     seeds.add_argument("--seeds", help="episode seeds instead: 'a-b' (inclusive), or a comma list of seeds "

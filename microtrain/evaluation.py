@@ -77,15 +77,39 @@ class InputMismatch(RuntimeError):
 # stored dict, the options that reproduce it, its description in the report)
 # ----------------------------------------------------------------------------------------------
 
+# The presets of ``run --protocol``: the defaults of the options that differ between the quick
+# protocol (development) and the paper's (Section 3.1-3.2, Appendix B). An option given on the
+# command line wins; the settings record the protocol and every value as resolved.
+PROTOCOLS = {
+    "quick": {"sampler": "fixed", "batch": "1", "mac_budget": "15%", "backbones": "mcunet-5fps", "methods": "all"},
+    "paper": {"sampler": "metadataset", "batch": "1,fulltrain=100,tinytl=100", "mac_budget": "15%",
+              "backbones": ",".join(b for b in BACKBONES if b.endswith("-meta")), "methods": ",".join(PAPER_METHODS)},
+}
+PROTOCOL_TEXT = {
+    "quick": "development: 10-way 5-shot episodes, every method at batch 1, the ImageNet MCUNet-5fps",
+    "paper": "the paper's (Section 3.1-3.2, Appendix B): Meta-Dataset episodes, the meta-trained backbones, "
+             "FullTrain and TinyTL at batch 100 (\"their accuracy degrades catastrophically with smaller batch "
+             "sizes\"), the others at batch 1, TinyTrain's MACs within 15% of FullTrain's backward MACs (Table 2: "
+             "6.51M of 44.9M on MCUNet)",
+}
+
+
 def add_settings_options(parser: argparse.ArgumentParser) -> None:
-    """The episode, budget and fine-tuning options of ``run`` (read back by ``settings_of``)."""
+    """The protocol, episode, budget and fine-tuning options of ``run`` (read back by
+    ``settings_of``). Options a preset sets default to None until ``apply_protocol``."""
     from .train import FinetuneConfig  # lazy: loads NumPy (module docstring)
 
     d = FinetuneConfig()
+    q, p = PROTOCOLS["quick"], PROTOCOLS["paper"]
+    g = parser.add_argument_group("protocol")
+    g.add_argument("--protocol", choices=tuple(PROTOCOLS), default="quick",
+                   help=(f"a preset of the options below and of --methods and --backbones: quick "
+                         f"({PROTOCOL_TEXT['quick']}) or paper ({PROTOCOL_TEXT['paper']}); an option given "
+                         "explicitly wins. Default: quick").replace("%", "%%"))
     g = parser.add_argument_group("episodes")
-    g.add_argument("--sampler", choices=("fixed", "metadataset"), default="fixed",
-                   help="fixed way/shot (the quick protocol), or the Meta-Dataset sampler of the paper's "
-                        "Appendix B (5-50 ways, 1-100 shots per class, <= 500 support images). Default: %(default)s")
+    g.add_argument("--sampler", choices=("fixed", "metadataset"),
+                   help="fixed way/shot, or the Meta-Dataset sampler of the paper's Appendix B (5-50 ways, 1-100 "
+                        f"shots per class, <= 500 support images). Default: quick {q['sampler']}, paper {p['sampler']}")
     g.add_argument("--way", type=int, default=10, help="fixed sampler: classes per episode (default %(default)s)")
     g.add_argument("--shot", type=int, default=5, help="fixed sampler: support images per class (default %(default)s)")
     g.add_argument("--query-shots", type=int, default=10,
@@ -93,31 +117,94 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("budgets (TinyTrain's selection)")
     g.add_argument("--mem-budget", default="512KB",
                    help="backward memory budget, e.g. 512KB, 0.5MB, 524288 (KB = 1024 bytes; default %(default)s)")
-    g.add_argument("--mac-budget", default="15%",
-                   help="backward MAC budget: a share of the backbone's forward MACs or a count, e.g. 3.4M "
-                        "(default %(default)s)")
+    g.add_argument("--mac-budget",
+                   help=("backward MAC budget per image: 15% (the same as 15%bwd) is 15% of FullTrain's backward "
+                         "MACs, the paper's reference (Table 2: TinyTrain's 6.51M of FullTrain's 44.9M on MCUNet); "
+                         f"15%fwd is 15% of the forward MACs; 6.5M a count. Default: {q['mac_budget']} in both "
+                         "protocols").replace("%", "%%"))
     g = parser.add_argument_group("fine-tuning (defaults: microtrain.train.FinetuneConfig)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the support set (default %(default)s)")
-    g.add_argument("--lr", type=float, default=d.lr,
-                   help="SGD learning rate for every method (default: each method's own, methods.DEFAULT_LR)")
+    g.add_argument("--lr",
+                   help="SGD learning rate: one for every method, per method (fulltrain=1e-3), or both "
+                        "(3e-3,fulltrain=1e-3). Default: each method's own, methods.DEFAULT_LR")
     g.add_argument("--momentum", type=float, default=d.momentum,
                    help="SGD momentum (default %(default)s; SparseUpdate always uses plain SGD)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default %(default)s")
     g.add_argument("--scale", type=float, default=d.scale, help="cosine logit scale (default %(default)s)")
-    g.add_argument("--batch", type=int, default=d.batch, help="pseudo-queries per step (default %(default)s)")
+    g.add_argument("--batch",
+                   help="pseudo-queries per step: one for every method, or with per-method values "
+                        "(1,fulltrain=100); a batch larger than an episode's support set is the whole set. "
+                        f"Default: quick {q['batch']}, paper {p['batch']}")
     g.add_argument("--train-seed", type=int, default=d.seed,
                    help="augmentation/order seed of fine-tuning (default %(default)s)")
 
 
-def _mac_text(text: str) -> str:
-    from .adapt import parse_macs  # lazy: loads NumPy (module docstring)
+def apply_protocol(args) -> None:
+    """Set every option ``args`` leaves None to its ``--protocol`` preset's value ('all' methods:
+    every method of ``methods.METHODS``)."""
+    for dest, value in PROTOCOLS[args.protocol].items():
+        if getattr(args, dest, "given") is None:
+            if dest == "methods" and value == "all":
+                from .methods import METHODS  # lazy: loads NumPy (module docstring)
 
-    text = str(text).strip()
-    if text.endswith("%"):
-        if not re.fullmatch(r"[0-9]*\.?[0-9]+%", text):
-            raise GridError(f"cannot read {text!r} as a MAC budget (e.g. 15%, 3.4M)")
-        return f"{float(text[:-1]):g}%"
-    return str(parse_macs(text, 1))
+                value = ",".join(METHODS)
+            setattr(args, dest, value)
+
+
+def _mac_text(text: str) -> str:
+    """A MAC budget in its stored form: '15%bwd', '15%fwd' or a count ('6500000')."""
+    from .adapt import read_mac_budget  # lazy: loads NumPy (module docstring)
+
+    value, share_of = read_mac_budget(text)
+    return f"{value:g}%{share_of}" if share_of else str(int(value))
+
+
+def describe_mac_budget(text: str) -> str:
+    """'15% of FullTrain's backward MACs per image' for a stored MAC budget."""
+    value, _, share_of = text.partition("%")
+    if not share_of:
+        return f"{int(value) / 1e6:g}M per image"
+    return f"{value}% of " + ("FullTrain's backward MACs" if share_of == "bwd" else "the forward MACs") + " per image"
+
+
+def parse_per_method(text: str, option: str, cast) -> tuple[object, dict]:
+    """'3e-3,fulltrain=1e-3' -> (3e-3, {'fulltrain': 1e-3}): a value for every method (None when
+    not given) and per-method ones, each read by ``cast`` (which raises ValueError). Raises
+    GridError on an unknown method or a value ``cast`` refuses."""
+    from .methods import METHODS  # lazy: loads NumPy (module docstring)
+
+    default, per = None, {}
+    for item in split_list(text, option.lstrip("-")):
+        name, eq, value = item.rpartition("=")
+        name = name.strip()
+        if eq and name.partition(":")[0] not in METHODS:
+            raise GridError(f"{option} {text}: unknown method {name!r} (choose from {', '.join(METHODS)})")
+        if (name in per) if eq else (default is not None):
+            raise GridError(f"{option} {text}: {'the value for ' + name if eq else 'the value for every method'} "
+                            "is given twice")
+        try:
+            parsed = cast(value.strip())
+        except ValueError:
+            raise GridError(f"{option} {text}: cannot read {value.strip()!r}") from None
+        if eq:
+            per[name] = parsed
+        else:
+            default = parsed
+    return default, per
+
+
+def format_per_method(default, per: dict) -> str:
+    """The inverse of parse_per_method."""
+    return ",".join(([] if default is None else [f"{default:g}"]) + [f"{m}={v:g}" for m, v in per.items()])
+
+
+def _positive(kind):
+    def cast(text):
+        value = kind(text)
+        if not value > 0 or not math.isfinite(value):
+            raise ValueError(text)
+        return value
+    return cast
 
 
 def _bytes_text(n: int) -> str:
@@ -132,10 +219,13 @@ def format_bytes(n) -> str:
 
 
 def settings_of(args) -> dict:
-    """The settings dict of parsed options (stored in OUT/config.json and in every task).
-    Raises GridError on values no episode or fine-tuning can use."""
+    """The settings dict of parsed options, the ``--protocol`` preset filling those not given
+    (stored in OUT/config.json and in every task). Raises GridError on values no episode or
+    fine-tuning can use."""
     from .adapt import UsageError as AdaptUsageError, parse_bytes  # lazy: loads NumPy (module docstring)
+    from .train import FinetuneConfig  # lazy: as above
 
+    apply_protocol(args)
     try:
         mem = parse_bytes(args.mem_budget)
         mac = _mac_text(args.mac_budget)
@@ -143,55 +233,115 @@ def settings_of(args) -> dict:
         raise GridError(str(exc)) from None
     if args.sampler == "fixed" and min(args.way, args.shot, args.query_shots) < 1:
         raise GridError("--way, --shot and --query-shots must be >= 1")
-    if args.epochs < 0 or (args.lr is not None and args.lr <= 0) or args.batch < 1 or args.momentum < 0 \
-            or args.weight_decay < 0:
-        raise GridError("--epochs must be >= 0, --lr > 0, --batch >= 1, --momentum and --weight-decay >= 0")
+    batch, batches = parse_per_method(args.batch, "--batch", _positive(int))
+    lr, lrs = parse_per_method(args.lr, "--lr", _positive(float)) if args.lr is not None else (None, {})
+    if args.epochs < 0 or args.momentum < 0 or args.weight_decay < 0:
+        raise GridError("--epochs, --momentum and --weight-decay must be >= 0")
+    per_method = {}
+    for key, values in (("batch", batches), ("lr", lrs)):
+        for m, v in values.items():
+            per_method.setdefault(m, {})[key] = v
     fixed = args.sampler == "fixed"
-    return {"sampler": args.sampler,
+    return {"protocol": args.protocol, "sampler": args.sampler,
             "way": args.way if fixed else None, "shot": args.shot if fixed else None,
             "query_shots": args.query_shots if fixed else None,
             "mem_budget_bytes": mem, "mac_budget": mac,
-            "finetune": {"epochs": args.epochs, "lr": args.lr, "momentum": args.momentum,
-                         "weight_decay": args.weight_decay, "scale": args.scale, "batch": args.batch,
-                         "seed": args.train_seed}}
+            "finetune": {"epochs": args.epochs, "lr": lr, "momentum": args.momentum,
+                         "weight_decay": args.weight_decay, "scale": args.scale,
+                         "batch": FinetuneConfig().batch if batch is None else batch, "seed": args.train_seed},
+            "per_method": {m: per_method[m] for m in sorted(per_method)}}
+
+
+def stored_settings(settings: dict | None) -> dict | None:
+    """Settings read from a config.json in today's form. Folders written before the presets
+    (2026-12) have no protocol and no per-method settings, and their MAC share ('15%') was of the
+    forward MACs: '15%fwd' now."""
+    if settings is None:
+        return None
+    s = {"protocol": None, "per_method": {}, **settings}
+    if re.fullmatch(r"[0-9]*\.?[0-9]+%", str(s.get("mac_budget"))):
+        s["mac_budget"] += "fwd"
+    return s
+
+
+def method_finetune(settings: dict, method: str) -> dict:
+    """The fine-tuning settings ``method``'s tasks get (FinetuneConfig's fields): the common ones
+    with the method's own (``per_method``) in their place."""
+    return {**settings["finetune"], **settings["per_method"].get(method, {})}
 
 
 def settings_options(s: dict) -> list[str]:
-    """The command-line options that reproduce ``settings``."""
-    opts = ["--sampler", s["sampler"]]
+    """The command-line options that reproduce ``settings`` (every preset value spelled out)."""
+    opts = (["--protocol", s["protocol"]] if s.get("protocol") else []) + ["--sampler", s["sampler"]]
     if s["sampler"] == "fixed":
         opts += ["--way", str(s["way"]), "--shot", str(s["shot"]), "--query-shots", str(s["query_shots"])]
     opts += ["--mem-budget", _bytes_text(s["mem_budget_bytes"]), "--mac-budget", s["mac_budget"]]
-    f = s["finetune"]
-    opts += ["--epochs", str(f["epochs"])] + (["--lr", f"{f['lr']:g}"] if f["lr"] is not None else [])
-    opts += ["--momentum", f"{f['momentum']:g}",
-             "--weight-decay", f"{f['weight_decay']:g}", "--scale", f"{f['scale']:g}", "--batch", str(f["batch"]),
+    f, per = s["finetune"], s.get("per_method", {})
+    lrs = {m: v["lr"] for m, v in per.items() if "lr" in v}
+    opts += ["--epochs", str(f["epochs"])] + (["--lr", format_per_method(f["lr"], lrs)] if f["lr"] or lrs else [])
+    opts += ["--momentum", f"{f['momentum']:g}", "--weight-decay", f"{f['weight_decay']:g}",
+             "--scale", f"{f['scale']:g}", "--batch", format_per_method(f["batch"], {m: v["batch"] for m, v in per.items() if "batch" in v}),
              "--train-seed", str(f["seed"])]
     return opts
 
 
-def describe_settings(settings: dict | None, records: list[dict]) -> list[str]:
-    """The report's settings lines (markdown bullets), with the methods that override one."""
+def _span(values) -> str:
+    values = sorted(set(values))
+    return "–" if not values else f"{values[0]:g}" if len(values) == 1 else f"{values[0]:g}–{values[-1]:g}"
+
+
+def describe_settings(settings: dict | None, records: list[dict], backbones: dict | None = None) -> list[str]:
+    """The report's settings lines (markdown): the protocol and what differs from its preset,
+    episodes, budgets (resolved per backbone from the records), fine-tuning, and a table of each
+    method's fine-tuning settings as its records ran them. ``backbones``: config.json's key -> spec."""
     if settings is None:
         return ["(no config.json: settings unknown)"]
-    f = settings["finetune"]
+    f, per = settings["finetune"], settings["per_method"]
+    lines = []
+    name = settings["protocol"]
+    if name is None:
+        lines.append("- protocol: not recorded (a folder written before the presets); the settings below are "
+                     "what it ran")
+    else:
+        preset = PROTOCOLS[name]
+        batches = {m: v["batch"] for m, v in per.items() if "batch" in v}
+        given = {"sampler": settings["sampler"], "batch": format_per_method(f["batch"], batches),
+                 "mac_budget": settings["mac_budget"]}
+        changed = [f"--{k.replace('_', '-')} {v}" for k, v in given.items()
+                   if v != (_mac_text(preset[k]) if k == "mac_budget" else preset[k])]
+        ran = sorted({r["backbone"] for r in records})
+        others = [b for b in ran if (backbones or {}).get(b, b) not in preset["backbones"].split(",")]
+        if others:
+            changed.append("backbones " + ", ".join(others))
+        lines.append(f"- protocol: **{name}**, {PROTOCOL_TEXT[name]}"
+                     + (f"; changed from the preset: {'; '.join(changed)}" if changed else ""))
     ep = (f"{settings['way']}-way {settings['shot']}-shot, {settings['query_shots']} queries per class"
           if settings["sampler"] == "fixed" else "Meta-Dataset sampler (5-50 ways, 1-100 shots per class, "
                                                   "<= 500 support images, up to 10 queries per class)")
-    lr = "each method’s default" if f["lr"] is None else format(f["lr"], "g")
-    lines = [f"- episodes: {ep}; episode = f(domain, seed), the same for every method",
-             f"- budgets (TinyTrain's selection): backward memory {format_bytes(settings['mem_budget_bytes'])}, "
-             f"backward MACs {settings['mac_budget']}",
-             f"- fine-tuning: {f['epochs']} pass{'' if f['epochs'] == 1 else 'es'} over the support set, "
-             f"batch {f['batch']}, SGD lr {lr}, momentum {f['momentum']:g}, weight decay {f['weight_decay']:g}, "
-             f"cosine scale {f['scale']:g}, seed {f['seed']}"]
-    overrides = {}
+    lines.append(f"- episodes: {ep}; episode = f(domain, seed), the same for every method")
+    budget = {}
     for r in records:
-        for k, v in (r.get("finetune") or {}).items():
-            if k in f and v != f[k] and r["method"] != "none":
-                overrides.setdefault(r["method"], set()).add(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}")
-    for m, o in overrides.items():
-        lines.append(f"- {m} sets {', '.join(sorted(o))} itself")
+        if (r.get("budgets") or {}).get("macs") is not None:
+            budget.setdefault(r["backbone"], r["budgets"]["macs"])
+    lines.append(f"- budgets (TinyTrain's selection): backward memory {format_bytes(settings['mem_budget_bytes'])}, "
+                 f"backward MACs {describe_mac_budget(settings['mac_budget'])}"
+                 + (" (" + ", ".join(f"{b}: {m / 1e6:.2f}M" for b, m in budget.items()) + ")" if budget else ""))
+    lr = "each method’s default" if f["lr"] is None else format(f["lr"], "g")
+    own = "; ".join(f"{m}: " + ", ".join(f"{k} {v:g}" for k, v in vs.items()) for m, vs in per.items())
+    lines.append(f"- fine-tuning: {f['epochs']} pass{'' if f['epochs'] == 1 else 'es'} over the support set, "
+                 f"batch {f['batch']}, SGD lr {lr}, momentum {f['momentum']:g}, weight decay {f['weight_decay']:g}, "
+                 f"cosine scale {f['scale']:g}, seed {f['seed']}" + (f"; per method: {own}" if own else ""))
+    ran = {}
+    for r in records:
+        if r.get("finetune") and r.get("losses") and "error" not in r:  # methods that trained
+            ran.setdefault(r["method"], []).append(r["finetune"])
+    if ran:
+        lines += ["", "Fine-tuning as each method's records ran it (batch: at most the episode's support set; "
+                      "backward memory in Table 2 is at this batch):", "",
+                  "| method | batch | lr | momentum |", "|---|---|---|---|"]
+        for m, fts in ran.items():
+            lines.append(f"| {m} | " + " | ".join(_span(ft[k] for ft in fts) for k in ("batch", "lr", "momentum"))
+                         + " |")
     return lines
 
 
@@ -337,23 +487,32 @@ def write_json(path: Path, obj) -> None:
     _write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
-def check_config(out: Path, settings: dict, domains: dict, backbones: dict, argv: list[str]) -> None:
-    """Refuse to mix settings in one folder; remember what each key means and each command run."""
+def check_config(out: Path, settings: dict, domains: dict, backbones: dict, argv: list[str],
+                 methods: dict | None = None) -> None:
+    """Refuse to mix settings in one folder; remember what each key means, each method's fine-tuning
+    settings (``methods``: name -> {'batch', 'lr'} as its tasks will run, lr from methods.DEFAULT_LR
+    when the settings leave it to the method) and each command run. The protocol's name alone
+    does not count: the settings spell out every value it set."""
     path = out / "config.json"
-    config = {"settings": settings, "domains": {}, "backbones": {}, "runs": []}
+    config = {"settings": settings, "domains": {}, "backbones": {}, "methods": {}, "runs": []}
     if path.exists():
         try:
             config = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise GridError(f"{path}: unreadable ({exc}); move it away or use another --out") from None
-        old = config.get("settings") or {}
-        if old != settings:
-            diff = [f"{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in settings if old.get(k) != settings[k]]
+        old = stored_settings(config.get("settings")) or {}
+        diff = [f"{k}: {old.get(k)!r} there, {settings[k]!r} now" for k in settings
+                if k != "protocol" and old.get(k) != settings[k]]
+        if diff:
             raise GridError(f"{out} holds episodes run with other settings ({'; '.join(diff)}): use another --out")
-    for kind, new in (("domains", domains), ("backbones", backbones)):
+        config["settings"] = {**settings, "protocol": old.get("protocol") or settings["protocol"]}
+    for kind, new in (("domains", domains), ("backbones", backbones), ("methods", methods or {})):
         known = config.setdefault(kind, {})
         for key, spec in new.items():
             if known.get(key, spec) != spec:
+                if kind == "methods":
+                    raise GridError(f"{key} ran with fine-tuning settings {known[key]} in {out}, would run with "
+                                    f"{spec} now: use another --out")
                 raise GridError(f"{kind[:-1]} name {key!r} means {known[key]} in {out}, not {spec}: "
                                 "rename the file or use another --out")
             known[key] = spec
@@ -371,35 +530,40 @@ def plan_grid(out: Path, methods: list[str], domains: list[str], backbones: list
     data and weight file once. Tasks are episode-major: an interrupted run leaves whole episodes.
     """
     # lazy: loads NumPy (module docstring)
-    from .adapt import parse_macs
+    from .adapt import UsageError as AdaptUsageError, parse_macs
     from .data import open_dataset
-    from .methods import METHODS
+    from .methods import METHODS, default_lr
 
     for m in methods:
         if m not in METHODS:
             raise GridError(f"unknown method {m!r}: choose from {', '.join(METHODS)}")
+    finetune = {m: method_finetune(settings, m) for m in methods}
     dom = {}  # key -> (path, spec)
     for spec in domains:
         key, path, shown = resolve_domain(spec)
         if key in dom:
             raise GridError(f"two domains are named {key!r}: {dom[key][1]} and {shown}")
         dom[key] = (path, shown)
-    nets = {}  # key -> (weights, spec, forward MACs)
+    nets = {}  # key -> (weights, spec, MAC budget)
     for spec in backbones:
         key, weights, net = resolve_backbone(spec)
         if key in nets:
             raise GridError(f"two backbones are named {key!r}")
-        nets[key] = (weights, spec if spec in BACKBONES else weights, net.forward_macs)
+        try:
+            nets[key] = (weights, spec if spec in BACKBONES else weights, parse_macs(settings["mac_budget"], net))
+        except AdaptUsageError as exc:
+            raise GridError(str(exc)) from None
     for path, _ in dom.values():
         draw_episode(open_dataset(path), settings, seeds[0])
     check_config(out, settings, {k: v[1] for k, v in dom.items()}, {k: v[1] for k, v in nets.items()},
-                 list(argv))
+                 list(argv), {m: {"batch": f["batch"], "lr": default_lr(m) if f["lr"] is None else f["lr"]}
+                              for m, f in finetune.items()})
     sha = {p: file_sha256(p) for p in [v[0] for v in dom.values()] + [v[0] for v in nets.values()]}
     commit = _git_commit()
     tasks, skipped = [], 0
     for seed in seeds:
-        for bkey, (weights, _, fwd) in nets.items():
-            budgets = {"memory": settings["mem_budget_bytes"], "macs": parse_macs(settings["mac_budget"], fwd)}
+        for bkey, (weights, _, macs) in nets.items():
+            budgets = {"memory": settings["mem_budget_bytes"], "macs": macs}
             for dkey, (path, _) in dom.items():
                 for method in methods:
                     file = episode_path(out, bkey, dkey, method, seed)
@@ -409,7 +573,8 @@ def plan_grid(out: Path, methods: list[str], domains: list[str], backbones: list
                     tasks.append({"backbone": bkey, "domain": dkey, "seed": seed, "method": method,
                                   "weights": weights, "weights_sha256": sha[weights],
                                   "data": path, "data_sha256": sha[path],
-                                  "settings": settings, "budgets": budgets, "commit": commit})
+                                  "settings": settings, "finetune": finetune[method], "budgets": budgets,
+                                  "commit": commit})
     return tasks, skipped
 
 
@@ -516,7 +681,7 @@ def run_task(task: dict) -> dict:
         load_seconds = time.perf_counter() - t0
         result = adapt_episode(net, images.support, episode.support_labels, images.query, episode.query_labels,
                                task["method"], Budgets(task["budgets"]["memory"], task["budgets"]["macs"]),
-                               FinetuneConfig(**s["finetune"]), load_seconds=load_seconds)
+                               FinetuneConfig(**task["finetune"]), load_seconds=load_seconds)
         result.pop("plan_table", None)  # the whole buffer table: large, and in adapt's report already
         record.update(result)
         record["model"] = net.name

@@ -21,7 +21,7 @@ import numpy as np
 
 from .adapt import _write_atomic
 from .evaluation import (DOMAINS, PROG, GridError, describe_settings, duration, format_bytes, format_seeds, read_record,
-                         settings_options, write_json)
+                         settings_options, stored_settings, write_json)
 from .methods import METHODS
 from .stats import mean_ci, t_quantile  # noqa: F401 - t_quantile is part of this module's interface
 
@@ -118,7 +118,8 @@ def summarize(records: list[dict]) -> dict:
                 continue
             mem = [r["memory"]["backward_planned_bytes"] for r in rs if r.get("memory")]
             arena = [r["memory"]["arena_planned_bytes"] for r in rs if r.get("memory")]
-            costs[m] = {"episodes": len(rs),
+            batches = [r["finetune"]["batch"] for r in rs if r.get("memory") and r.get("finetune")]
+            costs[m] = {"episodes": len(rs), "batch": (min(batches), max(batches)) if batches else None,
                         "backward_bytes": float(np.mean(mem)) if mem else None,
                         "arena_bytes": float(np.mean(arena)) if arena else None,
                         "backward_macs": float(np.mean([r["backward_macs"] for r in rs])),
@@ -170,11 +171,15 @@ def _table1(s: dict) -> tuple[list[str], int | None]:
     return lines, (ns.pop() if uniform else None)
 
 
+def _batches(span) -> str:
+    return "–" if span is None else str(span[0]) if span[0] == span[1] else f"{span[0]}–{span[1]}"
+
+
 def _table2(s: dict) -> list[str]:
     costs = s["costs"]
     ref = costs.get(REFERENCE, {})
-    head = ["method", "episodes", "backward memory (planned)", f"÷ {REFERENCE}", "backward MACs", f"÷ {REFERENCE}",
-            "arena (planned)", "end-to-end s", "selection s", "training s", "selection share"]
+    head = ["method", "episodes", "batch", "backward memory (planned)", f"÷ {REFERENCE}", "backward MACs",
+            f"÷ {REFERENCE}", "arena (planned)", "end-to-end s", "selection s", "training s", "selection share"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in s["methods"]:
         c = costs.get(m)
@@ -182,7 +187,8 @@ def _table2(s: dict) -> list[str]:
             lines.append(f"| {m} | 0 | " + " | ".join(["–"] * (len(head) - 2)) + " |")
             continue
         lines.append("| " + " | ".join([
-            m, str(c["episodes"]), format_bytes(c["backward_bytes"]), _ratio(c["backward_bytes"], ref.get("backward_bytes")),
+            m, str(c["episodes"]), _batches(c["batch"]),
+            format_bytes(c["backward_bytes"]), _ratio(c["backward_bytes"], ref.get("backward_bytes")),
             _macs(c["backward_macs"]) if c["backward_macs"] else "0",
             _ratio(c["backward_macs"], ref.get("backward_macs")) if c["backward_macs"] else "–",
             format_bytes(c["arena_bytes"]), f"{c['end_to_end']:.2f}", f"{c['selection']:.2f}", f"{c['training']:.2f}",
@@ -299,7 +305,7 @@ def write_report(out: Path) -> dict:
     config = {}
     if (out / "config.json").exists():
         config = read_record(out / "config.json")
-    settings = config.get("settings")
+    settings = stored_settings(config.get("settings"))
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     write_json(out / "results.json", {"generated_at": now, "settings": settings, "records": records})
     summary = summarize(records)
@@ -317,7 +323,7 @@ def write_report(out: Path) -> dict:
                      f"Numba {numba.__version__}"
                      + (f"; episodes computed on {', '.join(hosts)}." if hosts else "."))
         lines.append("")
-    lines += ["## Settings", "", *describe_settings(settings, records), ""]
+    lines += ["## Settings", "", *describe_settings(settings, records, config.get("backbones")), ""]
     if not records:
         lines += ["No episodes yet.", ""]
     for backbone, s in summary.items():
@@ -339,7 +345,8 @@ def write_report(out: Path) -> dict:
         lines += ["### Table 2: backward pass costs", "",
                   "Means over every successful episode of all domains. Backward memory is the planner's "
                   "figure: weights being updated + their gradients and optimizer state + activations kept "
-                  "for backward (batch as set; KB = 1024 bytes); the arena adds the transient buffers. "
+                  "for backward, at the batch each method ran (column batch, the range over the episodes: a "
+                  "batch is at most the support set; KB = 1024 bytes); the arena adds the transient buffers. "
                   "Backward MACs are per training step; forward: "
                   f"{_macs(next(iter(s['costs'].values()))['forward_macs']) if s['costs'] else '–'}. "
                   "End-to-end = load + selection + training; selection share = selection / end-to-end.", "",

@@ -45,8 +45,11 @@ def adapt_episode(net: Network, support: np.ndarray, support_labels: np.ndarray,
         for name, kept, total, score in plan.choices:
             log(f"  {name:<24} {kept:>4} / {total:<4} {score:>12.4g}")
     train_seconds = 0.0
+    # the batch the fine-tuning runs (finetune: at most the support set), so that the record's
+    # memory and settings are those of the run
     cfg = dataclasses.replace(cfg, lr=plan.lr if cfg.lr is None else cfg.lr,
-                              momentum=cfg.momentum if plan.momentum is None else plan.momentum)
+                              momentum=cfg.momentum if plan.momentum is None else plan.momentum,
+                              batch=min(cfg.batch, len(support)))
     record["finetune"] = vars(cfg).copy()
     if plan.trains:
         result = finetune(net, plan.selection, support, support_labels, cfg, progress, plan.block_hook)

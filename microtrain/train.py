@@ -112,17 +112,24 @@ def _embed_in_arena(run: Executor, images: np.ndarray, protos: np.ndarray) -> np
 def finetune(net: Network, selection: Selection, support: np.ndarray, labels: np.ndarray,
              cfg: FinetuneConfig, progress: Callable[[int, int, float], None] | None = None,
              block_hook=None) -> FinetuneResult:
-    """Fine-tune the selected rows of ``net`` in place on a support set (uint8 (N, 3, R, R))."""
+    """Fine-tune the selected rows of ``net`` in place on a support set (uint8 (N, 3, R, R)).
+
+    Each of ``cfg.epochs`` passes takes ceil(N / B) steps of B = min(cfg.batch, N) pseudo-queries
+    (a batch larger than the support set is the whole set, as a data loader would give it). Every
+    image is trained on once per pass, in a shuffled order; when B does not divide N, the last
+    step's batch is completed with images of the pass's earlier steps, drawn at random, so every
+    step has B images (the planned arena is for B)."""
     if cfg.lr is None:
         raise ValueError("finetune needs a learning rate: resolve the method's default first (methods.DEFAULT_LR)")
     ways = int(labels.max()) + 1
-    graph = net.protonet_graph(cfg.batch, ways, cfg.scale, block_hook)
+    n = len(support)
+    batch = min(cfg.batch, n)
+    graph = net.protonet_graph(batch, ways, cfg.scale, block_hook)
     run = Executor(graph, selection, momentum=cfg.momentum > 0)
     opt = SGD(cfg.lr, cfg.momentum, cfg.weight_decay)
     backup = [(node, node.weight.copy(), node.bias.copy()) for node, _ in run.trained()]
     rng = np.random.default_rng(cfg.seed)
-    n = len(support)
-    steps_per_epoch = max(1, n // cfg.batch)
+    steps_per_epoch = -(-n // batch)
     total = cfg.epochs * steps_per_epoch
     losses: list[float] = []
     x = run.value("image")  # images are written straight into the arena's input buffer
@@ -132,8 +139,10 @@ def finetune(net: Network, selection: Selection, support: np.ndarray, labels: np
     for _ in range(cfg.epochs):
         protos = class_prototypes(_embed_in_arena(run, support, protos), labels, ways)
         order = rng.permutation(n)
+        if n % batch:
+            order = np.concatenate([order, rng.choice(order[:n - n % batch], batch - n % batch, replace=False)])
         for s in range(steps_per_epoch):
-            idx = order[s * cfg.batch:(s + 1) * cfg.batch]
+            idx = order[s * batch:(s + 1) * batch]
             for j, i in enumerate(idx):
                 to_input(augment(support[i], rng)[None], out=x[j:j + 1])
             loss = run.forward({"prototypes": protos, "labels": labels[idx]})

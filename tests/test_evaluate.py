@@ -18,6 +18,7 @@ from microtrain import evaluate, evaluation
 from microtrain.adapt import _resolve_model
 from microtrain.evaluation_report import _label_offsets
 from microtrain.stats import t_quantile
+from microtrain.tinytrain import fulltrain_backward_macs
 from microtrain.train import FinetuneConfig
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,7 +68,9 @@ def test_run_records_reports_and_resumes(inputs, tmp_path, capsys):
         assert none["accuracy_before"] == tiny["accuracy_before"] == none["accuracy_after"]
         assert none["backward_macs"] == 0 and none["memory"] is None
         assert tiny["selection"] and 0 < tiny["memory"]["backward_planned_bytes"] <= 1024 ** 2
-        assert 0 < tiny["backward_macs"] <= tiny["forward_macs"] and tiny["losses"]["steps"] == 2 * 6
+        # --mac-budget 100%: all of FullTrain's backward MACs per image
+        assert 0 < tiny["backward_macs"] <= tiny["budgets"]["macs"] == fulltrain_backward_macs(_resolve_model(str(weights)))
+        assert tiny["losses"]["steps"] == 2 * 6
         assert tiny["finetune"]["epochs"] == 2 and 0 <= tiny["accuracy_after"] <= 1
         assert "error" not in none and "error" not in tiny
         # the tiny net has no SparseUpdate configuration: a failed task, recorded, the run goes on
@@ -96,11 +99,12 @@ def test_run_records_reports_and_resumes(inputs, tmp_path, capsys):
     t2 = next(line for line in report.splitlines() if line.startswith("| tinytrain | 2 |"))
     mem = np.mean([rec[("tinytrain", s)]["memory"]["backward_planned_bytes"] for s in (0, 1)])
     macs = np.mean([rec[("tinytrain", s)]["backward_macs"] for s in (0, 1)])
-    assert f"| {mem / 1024:.1f} KB | 1.00× | {macs / 1e3:.1f}k | 1.00× |" in t2
-    assert "| none | 2 | – | – | 0 | – |" in report and "| sparseupdate | 0 |" in report
+    assert f"| 1 | {mem / 1024:.1f} KB | 1.00× | {macs / 1e3:.1f}k | 1.00× |" in t2
+    assert "| none | 2 | – | – | – | 0 | – |" in report and "| sparseupdate | 0 |" in report
     assert "### Failed episodes" in report and "| sparseupdate | toy | 1 | ValueError: no SparseUpdate" in report
     assert f"--backbones {weights.resolve()} --methods none,sparseupdate,tinytrain" in report
-    assert "--episodes 2 --sampler fixed --way 3 --shot 2 --query-shots 3 --mem-budget 1MB --mac-budget 100%" in report
+    assert ("--episodes 2 --protocol quick --sampler fixed --way 3 --shot 2 --query-shots 3 --mem-budget 1MB "
+            "--mac-budget 100%bwd --epochs 2 --momentum 0.9 --weight-decay 0 --scale 10 --batch 1 --train-seed 0") in report
     d = FinetuneConfig()
     assert (f"fine-tuning: 2 passes over the support set, batch 1, SGD lr each method’s default, "
             f"momentum {d.momentum:g}") in report
@@ -217,8 +221,13 @@ def test_help_documents_the_options(capsys):
     assert exc.value.code == 0
     text = capsys.readouterr().out
     for option in ("--methods", "--domains", "--backbones", "--episodes", "--seeds", "--sampler", "--mem-budget",
-                   "--mac-budget", "--epochs", "--lr", "--momentum", "--workers", "--out", "--retry-errors"):
+                   "--mac-budget", "--epochs", "--lr", "--momentum", "--workers", "--out", "--retry-errors",
+                   "--protocol", "--batch"):
         assert option in text
+    # what a MAC share is of, and both presets' values
+    assert "15% (the same as 15%bwd) is 15% of FullTrain's backward MACs" in " ".join(text.split())
+    assert "15%fwd is 15% of the forward MACs" in " ".join(text.split())
+    assert "paper 1,fulltrain=100,tinytl=100" in " ".join(text.split())
 
 
 def test_figure_labels_of_coinciding_methods_are_stacked():
@@ -274,3 +283,164 @@ def test_estimate_wall_time_from_measured_task_times(tmp_path, capsys):
         estimate_wall_time(records, ["b"], ["lastlayer"], 1, 1, [1])
     assert evaluate.main(["estimate", "--out", str(tmp_path)]) == 2
     assert "no episodes/ folder" in capsys.readouterr().err
+
+
+def _settings(*argv):
+    ns = evaluate.parse_args(["run", *argv])
+    return ns, evaluation.settings_of(ns)
+
+
+def test_protocol_presets():
+    ns, s = _settings("--protocol", "paper")
+    assert s["protocol"] == "paper" and s["sampler"] == "metadataset" and s["way"] is None
+    assert s["mac_budget"] == "15%bwd" and s["finetune"]["batch"] == 1 and s["finetune"]["lr"] is None
+    assert s["per_method"] == {"fulltrain": {"batch": 100}, "tinytl": {"batch": 100}}
+    assert {m: evaluation.method_finetune(s, m)["batch"] for m in evaluation.PAPER_METHODS} == {
+        "none": 1, "lastlayer": 1, "fulltrain": 100, "sparseupdate": 1, "tinytl": 100, "tinytrain": 1}
+    assert ns.methods.split(",") == list(evaluation.PAPER_METHODS)
+    assert ns.backbones.split(",") == ["mcunet-5fps-meta", "mbv2-w0.35-meta", "proxyless-w0.3-meta"]
+    ns, s = _settings()  # quick, the default
+    assert (s["protocol"], s["sampler"], s["way"], s["shot"], s["mac_budget"]) == ("quick", "fixed", 10, 5, "15%bwd")
+    assert s["per_method"] == {} and ns.backbones == "mcunet-5fps"
+    from microtrain.methods import METHODS
+    assert ns.methods.split(",") == list(METHODS)
+    # an option given explicitly wins over the preset, and the settings say what ran
+    ns, s = _settings("--protocol", "paper", "--batch", "4", "--sampler", "fixed", "--backbones", "mcunet-5fps",
+                      "--mac-budget", "15%fwd", "--lr", "1e-3,fulltrain=1e-2")
+    assert s["per_method"] == {"fulltrain": {"lr": 1e-2}} and s["finetune"]["batch"] == 4 and s["sampler"] == "fixed"
+    assert s["finetune"]["lr"] == 1e-3 and s["mac_budget"] == "15%fwd" and ns.backbones == "mcunet-5fps"
+    assert evaluation.method_finetune(s, "fulltrain") == {**s["finetune"], "lr": 1e-2}
+    # the options that reproduce settings give them back
+    for argv in ((), ("--protocol", "paper"), ("--batch", "2,tinytl=8", "--lr", "tinytrain=0.01", "--mac-budget", "6.5M")):
+        _, s = _settings(*argv)
+        assert _settings(*evaluation.settings_options(s))[1] == s
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--batch", "1,magic=4"], "unknown method 'magic'"),
+    (["--batch", "0"], "cannot read '0'"),
+    (["--batch", "1,fulltrain=100,fulltrain=50"], "given twice"),
+    (["--lr", "fast"], "cannot read 'fast'"),
+    (["--mac-budget", "15%ofall"], "cannot read '15%ofall' as a MAC budget"),
+    (["--protocol", "exact"], "invalid choice"),
+])
+def test_bad_per_method_options_are_one_line(inputs, tmp_path, capsys, extra, message):
+    weights, data = inputs
+    assert evaluate.main(args(weights, data, tmp_path / "o", *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+
+
+def test_mac_budget_share_is_of_fulltrains_backward_macs():
+    """'15%' (= '15%bwd'): 15% of a FullTrain program's backward MACs per image, as the paper's
+    Table 2 has it (TinyTrain 6.51M of FullTrain's 44.9M on MCUNet); '15%fwd': of the forward MACs."""
+    from microtrain.adapt import UsageError, parse_macs
+    from microtrain.autograd import Program
+    from microtrain.methods import full_update
+    from microtrain.tinytrain import backward_macs
+
+    from conftest import small_net
+    net = small_net(resolution=16)
+    program = Program(net.protonet_graph(3, 5, 10.0), full_update(net, [layer.name for layer in net.layers]), True)
+    fulltrain = backward_macs(program)
+    # by hand: every layer's weight gradient, and the input gradient of every layer but the first
+    assert fulltrain == 2 * sum(layer.macs for layer in net.layers) - net.layers[0].macs
+    assert fulltrain_backward_macs(net) == fulltrain > net.forward_macs
+    assert parse_macs("15%", net) == parse_macs("15%bwd", net) == int(0.15 * fulltrain)
+    assert parse_macs("15%fwd", net) == int(0.15 * net.forward_macs)
+    assert parse_macs("6.5M", net) == 6_500_000 and parse_macs("2500", net) == 2500
+    with pytest.raises(UsageError, match="15%bwd"):
+        parse_macs("x%", net)
+
+
+def test_paper_protocol_grid_on_stand_in_meta_trained_backbones(inputs, tmp_path, monkeypatch, capsys):
+    """The paper preset end to end, the tiny network standing in for the meta-trained backbones:
+    Meta-Dataset episodes, FullTrain and TinyTL at batch 100 (here the whole support set), the
+    others at batch 1, memory at the batch that ran, TinyTrain's MAC budget 15% of FullTrain's
+    backward MACs; a missing meta-trained file is one line; a changed preset is refused on resume."""
+    import shutil
+
+    from microtrain import checkpoint, methods
+    from microtrain.autograd import Program
+
+    weights, data = inputs
+    meta = tmp_path / "weights"
+    meta.mkdir()
+    monkeypatch.setattr(checkpoint, "META_DIR", meta)
+    out = tmp_path / "paper"
+    argv = ["run", "--protocol", "paper", "--backbones", "mcunet-5fps-meta", "--domains", str(data),
+            "--episodes", "2", "--epochs", "2", "--workers", "0", "--out", str(out)]
+    assert evaluate.main(argv) == 2  # the preset's backbone is not there yet
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mcunet-5fps-meta.npz not found" in err and not out.exists()
+
+    shutil.copy(weights, meta / "mcunet-5fps-meta.npz")
+    assert evaluate.main(argv) == 0
+    capsys.readouterr()
+    rec = {(p.parent.name, int(p.stem)): json.loads(p.read_text())
+           for p in (out / "episodes").rglob("*.json")}
+    assert {m for m, _ in rec} == set(evaluation.PAPER_METHODS)
+    net = _resolve_model(str(weights))
+    for seed in (0, 1):
+        full, tinytl, tiny = rec[("fulltrain", seed)], rec[("tinytl", seed)], rec[("tinytrain", seed)]
+        n, way = full["support_size"], full["way"]
+        assert full["episode"]["sampler"] == "metadataset" and full["settings"]["protocol"] == "paper"
+        assert 5 <= way <= 6 and n >= way and full["query_size"] == 4 * way  # Appendix B on 8 images per class
+        assert full["finetune"]["batch"] == tinytl["finetune"]["batch"] == min(100, n)
+        assert tiny["finetune"]["batch"] == rec[("lastlayer", seed)]["finetune"]["batch"] == 1
+        assert full["losses"]["steps"] == 2 and tiny["losses"]["steps"] == 2 * n  # one step per pass at batch n
+        # FullTrain's backward memory as planned at the batch it ran, computed here independently
+        program = Program(net.protonet_graph(n, way, 10.0), methods.full_update(net, [l.name for l in net.layers]),
+                          momentum=True)
+        assert full["memory"]["backward_planned_bytes"] == program.plan.backward_bytes
+        assert tiny["budgets"]["macs"] == int(0.15 * full["backward_macs"]) == int(0.15 * fulltrain_backward_macs(net))
+        assert 0 < tiny["backward_macs"] <= tiny["budgets"]["macs"]
+        assert full["finetune"]["lr"] == methods.DEFAULT_LR["fulltrain"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["settings"]["per_method"] == {"fulltrain": {"batch": 100}, "tinytl": {"batch": 100}}
+    assert config["methods"]["fulltrain"] == {"batch": 100, "lr": methods.DEFAULT_LR["fulltrain"]}
+    assert config["methods"]["tinytrain"] == {"batch": 1, "lr": methods.DEFAULT_LR["tinytrain"]}
+
+    report = (out / "report.md").read_text()
+    head = report[report.index("## Settings"):report.index("## mcunet-5fps-meta")]
+    assert "- protocol: **paper**, the paper's" in head and "changed from the preset" not in head
+    assert "- episodes: Meta-Dataset sampler" in head
+    macs = tiny["budgets"]["macs"]
+    assert (f"backward MACs 15% of FullTrain's backward MACs per image (mcunet-5fps-meta: {macs / 1e6:.2f}M)"
+            in head)
+    assert "batch 1, SGD lr each method’s default" in head and "per method: fulltrain: batch 100; tinytl: batch 100" in head
+    sizes = sorted(rec[("fulltrain", s)]["support_size"] for s in (0, 1))
+    span = str(sizes[0]) if sizes[0] == sizes[1] else f"{sizes[0]}–{sizes[1]}"
+    assert f"| fulltrain | {span} | 0.0001 | 0.9 |" in head and "| tinytrain | 1 | 0.003 | 0.9 |" in head
+    assert "| sparseupdate |" not in head  # failed on the tiny net: nothing ran
+    assert next(line for line in report.splitlines() if line.startswith("| fulltrain | 2 |")).startswith(
+        f"| fulltrain | 2 | {span} | ")
+    assert "--protocol paper --sampler metadataset --mem-budget 512KB --mac-budget 15%bwd" in report
+    assert "--batch 1,fulltrain=100,tinytl=100" in report
+
+    # resuming refuses a changed preset: another batch, or another default learning rate
+    assert evaluate.main(argv + ["--batch", "1"]) == 2
+    assert "other settings (per_method" in capsys.readouterr().err
+    monkeypatch.setitem(methods.DEFAULT_LR, "fulltrain", 1e-3)
+    assert evaluate.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "fulltrain ran with fine-tuning settings {'batch': 100, 'lr': 0.0001}" in err and err.count("\n") == 1
+
+
+def test_a_folder_from_before_the_presets_reads_as_what_it_ran(inputs, tmp_path, capsys):
+    """Before the presets a MAC share was of the forward MACs and config.json had no protocol:
+    such a folder is described as it ran, and resumes with --mac-budget 15%fwd, not with 15%."""
+    weights, data = inputs
+    out = tmp_path / "old"
+    assert evaluate.main(args(weights, data, out, "--mac-budget", "15%fwd", methods="none", workers="0")) == 0
+    config = json.loads((out / "config.json").read_text())
+    old = dict(config["settings"], mac_budget="15%")
+    del old["protocol"], old["per_method"]
+    config["settings"] = old
+    (out / "config.json").write_text(json.dumps(config))
+    assert evaluate.main(["report", "--out", str(out)]) == 0
+    head = (out / "report.md").read_text()
+    assert "- protocol: not recorded" in head and "backward MACs 15% of the forward MACs per image" in head
+    assert evaluate.main(args(weights, data, out, methods="none", workers="0")) == 2
+    assert "mac_budget: '15%fwd' there, '100%bwd' now" in capsys.readouterr().err
+    assert evaluate.main(args(weights, data, out, "--mac-budget", "15%fwd", methods="none", workers="0")) == 0

@@ -63,6 +63,41 @@ def test_a_training_step_allocates_almost_nothing_outside_the_arena():
     assert len(result.losses) == len(images)
 
 
+@pytest.mark.parametrize("batch,steps", [(1, 7), (3, 3), (7, 1), (100, 1)])
+def test_every_image_once_per_pass_in_full_batches(monkeypatch, batch, steps):
+    """A pass is ceil(N / B) steps of B = min(batch, N) images: each support image once, the last
+    batch completed with other images of the pass; a batch above the support size is the support set
+    (the paper's FullTrain and TinyTL run at batch 100 on supports of 5 images and up)."""
+    import microtrain.train as train
+
+    net = small_net()
+    images, labels = _support(net, n=7)
+    seen = []  # per step, the support indices of its pseudo-queries
+    steps_seen = []
+    real_augment = train.augment
+
+    def spy(img, rng):
+        seen.append(next(i for i in range(len(images)) if np.shares_memory(img, images[i])))
+        return real_augment(img, rng)
+
+    def step(k, total, loss):
+        steps_seen.append(len(seen))
+
+    monkeypatch.setattr(train, "augment", spy)
+    result = finetune(net, Selection({"blocks.2.project": LayerUpdate.full(8)}), images, labels,
+                      FinetuneConfig(epochs=2, lr=0.01, batch=batch), progress=step)
+    b = min(batch, len(images))
+    assert result.steps == 2 * steps and len(seen) == 2 * steps * b and result.plan is not None
+    assert np.diff([0] + steps_seen).tolist() == [b] * (2 * steps)  # every step a full batch
+    for epoch in range(2):
+        used = seen[epoch * steps * b:(epoch + 1) * steps * b]
+        assert sorted(set(used)) == list(range(7))  # every image in every pass
+        assert all(len(set(used[k:k + b])) == b for k in range(0, len(used), b))  # no image twice in a step
+    # the arena is planned for the batch that ran
+    assert result.plan.arena_bytes == train.Executor(net.protonet_graph(b, 3, 10.0), Selection(
+        {"blocks.2.project": LayerUpdate.full(8)}), momentum=True).plan.arena_bytes
+
+
 def test_one_shot_support_classifies_itself():
     # With one image per class each prototype is that image's own normalised embedding.
     net = small_net()

@@ -385,7 +385,7 @@ def default_task(name: str):
     net = mt_model.load(ensure_converted(name))
     episode = sample_episode(open_dataset(shared_file("data", DEFAULT_DATA)), d.way, d.shot, d.query_shots, d.seed)
     images = EpisodeImages(episode, net.resolution)
-    budgets = Budgets(parse_bytes(d.mem_budget), parse_macs(d.mac_budget, net.forward_macs))
+    budgets = Budgets(parse_bytes(d.mem_budget), parse_macs(d.mac_budget, net))
     cfg = FinetuneConfig(epochs=d.epochs, lr=d.lr, momentum=d.momentum, weight_decay=d.weight_decay,
                          scale=d.scale, batch=1, seed=d.train_seed)
     return net, images, budgets, cfg

@@ -43,7 +43,7 @@ def one(task):
     out = {"domain": domain, "seed": seed, "none": prototype_accuracy(base, s, sl, q, ql), "runs": {}}
     from microtrain.adapt import parse_bytes, parse_macs
 
-    budgets = Budgets(parse_bytes(mem_budget), parse_macs(mac_budget, base.forward_macs))
+    budgets = Budgets(parse_bytes(mem_budget), parse_macs(mac_budget, base))
     for lr in lrs:
         net = base.copy()
         plan = plan_method(method, net, s, sl, budgets, 10.0, True, seed=0)
@@ -71,7 +71,8 @@ def main(argv=None):
     p.add_argument("--seeds", default="1000,1001,1002")
     p.add_argument("--domains", default=",".join(DOMAINS))
     p.add_argument("--mem-budget", default="512KB", help="TinyTrain's backward memory budget")
-    p.add_argument("--mac-budget", default="15%", help="TinyTrain's backward MAC budget")
+    p.add_argument("--mac-budget", default="15%", help="TinyTrain's backward MAC budget, as adapt reads it "
+                   "(15%%: of FullTrain's backward MACs; 15%%fwd: of the forward MACs)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="runs/tune.json")
     args = p.parse_args(argv)
