@@ -22,6 +22,8 @@ into one planned arena (``microtrain.memory``).
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -62,6 +64,10 @@ class Op:
     kind = "op"
     has_params = False
     inplace = False  # output may overwrite input 0, and input 0's gradient the output's gradient
+    # Each image's output (and input gradient) depends on that image's input only, and every
+    # input and the output have the batch as their first axis: the executor may run the op on
+    # slices of the batch (shards), the weight and bias gradients then summed over the shards.
+    per_image = False
 
     def out_shape(self, node, shapes):
         return shapes[0]
@@ -94,11 +100,17 @@ class Op:
     def backward_weight(self, node, dw, db, dy, saved, upd: LayerUpdate):
         raise NotImplementedError
 
+    def shard_saved(self, node, key, array, n0, n1, shape):
+        """The part of saved entry ``key`` (planned for the whole batch; ``shape`` is input 0's)
+        that images n0..n1-1 use."""
+        return array[n0:n1]
+
 
 class _WeightedOp(Op):
     """Conv-like ops: weight rows per output channel, a bias, input kept only to train weights."""
 
     has_params = True
+    per_image = True
 
     def saved(self, node, shapes, upd):
         if upd is None or not upd.trains_weight:
@@ -231,6 +243,7 @@ class Pointwise(_Dense):
 
 class Linear(_Dense):
     kind = "linear"
+    per_image = False  # a classifier head: too small to split
     kernels = (kpw.linear_forward, kpw.linear_backward_input, kpw.linear_backward_weight)
 
     def out_shape(self, node, shapes):
@@ -240,10 +253,18 @@ class Linear(_Dense):
 class ReLU6(Op):
     kind = "relu6"
     inplace = True
+    per_image = True
 
     def saved(self, node, shapes, upd):
-        # One bit per element says whether the gradient passes (0 < x < 6).
-        return {"mask": (((int(np.prod(shapes[0])) + 7) // 8,), np.dtype(np.uint8))}
+        # One bit per element says whether the gradient passes (0 < x < 6); each image's bits
+        # start on a byte of their own, so a slice of the batch has its own part of the mask.
+        per_image = (int(np.prod(shapes[0][1:])) + 7) // 8
+        return {"mask": ((shapes[0][0] * per_image,), np.dtype(np.uint8))}
+
+    def shard_saved(self, node, key, array, n0, n1, shape):
+        elements = int(np.prod(shape[1:]))
+        start = n0 * ((elements + 7) // 8)
+        return array[start:start + ((n1 - n0) * elements + 7) // 8]
 
     def forward(self, node, out, ins, scratch, save):
         if save and "mask" in scratch:
@@ -258,6 +279,7 @@ class ReLU6(Op):
 class Add(Op):
     kind = "add"
     inplace = True
+    per_image = True
 
     def forward(self, node, out, ins, scratch, save):
         kew.add_forward(out, ins[0], ins[1])
@@ -270,6 +292,7 @@ class Add(Op):
 
 class GlobalAvgPool(Op):
     kind = "global_avg_pool"
+    per_image = True
 
     def out_shape(self, node, shapes):
         return shapes[0][:2]
@@ -283,6 +306,7 @@ class GlobalAvgPool(Op):
 
 class AvgPool(Op):
     kind = "avg_pool"
+    per_image = True
 
     def __init__(self, factor: int):
         self.factor = factor
@@ -302,6 +326,7 @@ class AvgPool(Op):
 
 class Upsample(Op):
     kind = "upsample"
+    per_image = True
 
     def __init__(self, factor: int):
         self.factor = factor
@@ -603,22 +628,64 @@ class _NodeBuffers:
     out: str
     ins: list[str]
     saved: dict[str, str] = field(default_factory=dict)  # what backward reads
-    work: dict[str, str] = field(default_factory=dict)  # forward scratch (overlaid by saved)
-    grad_work: dict[str, str] = field(default_factory=dict)  # backward scratch (input and weight gradients)
+    # forward scratch (overlaid by saved) and backward scratch (input and weight gradients), one
+    # set per thread that runs shards of the node
+    work: list[dict[str, str]] = field(default_factory=lambda: [{}])
+    grad_work: list[dict[str, str]] = field(default_factory=lambda: [{}])
     dy: str | None = None
     dxs: list[str | None] = field(default_factory=list)
     accumulate: list[tuple[str, str]] = field(default_factory=list)  # (gradient, scratch) pairs
     dw: str | None = None
     db: str | None = None
     runs_backward: bool = False
+    shards: list[tuple[int, int]] | None = None  # batch slices [n0, n1) of a per-image op
+    input_shape: tuple[int, ...] = ()  # input 0's (whole batch)
+    dw_parts: list[str] = field(default_factory=list)  # the weight gradients of shards 1, 2, ...
+    db_parts: list[str] = field(default_factory=list)
+
+
+# Batched steps split every per-image op into shards of the batch (slices of SHARD_IMAGES images
+# or more, at most MAX_SHARDS), which threads may run at the same time. The split depends on the
+# batch size only, never on the thread count, and the weight and bias gradients are the shards'
+# sums added in shard order: one thread and several give the same numbers bit for bit.
+SHARD_IMAGES = 16
+MAX_SHARDS = 4
+
+
+def batch_shards(batch: int) -> list[tuple[int, int]]:
+    """The slices [n0, n1) a per-image op on ``batch`` images runs as (one below 2 * SHARD_IMAGES)."""
+    count = min(MAX_SHARDS, max(1, batch // SHARD_IMAGES))
+    return [(batch * s // count, batch * (s + 1) // count) for s in range(count)]
+
+
+def default_threads() -> int:
+    """Threads an executor uses when not told: ``MICROTRAIN_THREADS`` if set, else 1 on a
+    machine whose other processes already keep its cores busy (1-minute load average above
+    cores - 1), else up to MAX_SHARDS, one per core."""
+    value = os.environ.get("MICROTRAIN_THREADS", "").strip()
+    if value:
+        try:
+            threads = int(value)
+        except ValueError:
+            raise GraphError(f"MICROTRAIN_THREADS must be a positive integer, got {value!r}") from None
+        if threads < 1:
+            raise GraphError(f"MICROTRAIN_THREADS must be a positive integer, got {value!r}")
+        return threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        busy = os.getloadavg()[0] > cores - 1
+    except OSError:  # no load average on this system
+        busy = False
+    return 1 if busy else max(1, min(cores, MAX_SHARDS))
 
 
 class Program:
     """The graph compiled for one selection: per-node buffer names and the memory plan."""
 
     def __init__(self, graph: Graph, selection: Selection, momentum: bool = False,
-                 observe: Iterable[str] = ()):
+                 observe: Iterable[str] = (), threads: int = 1):
         self.graph, self.selection, self.momentum = graph, selection, momentum
+        self.threads = max(1, int(threads))  # how many sets of scratch a sharded op gets
         self.observe = set(observe)
         self.updates: dict[int, LayerUpdate] = {}
         for name, upd in selection.layers.items():
@@ -712,6 +779,9 @@ class Program:
         for node in g.nodes:
             nb = _NodeBuffers(out=storage[node.output], ins=[storage[v] for v in node.inputs])
             shapes = shapes_of(node)
+            nb.input_shape = shapes[0] if shapes else ()
+            if node.op.per_image:
+                nb.shards = batch_shards(g.values[node.output].shape[0])
             spec = saved_specs.get(node.index, {})
             for key, item in spec.items():
                 if isinstance(item, Keep):
@@ -720,10 +790,12 @@ class Program:
                     shape, dtype = item
                     nb.saved[key] = new(f"saved:{node.name}:{key}", memory.SAVED, shape, dtype,
                                         fwd(node.index), bwd(node.index))
-            for key, (shape, dtype) in node.op.workspace(node, shapes).items():
+            nb.work = [{} for _ in range(self._thread_sets(nb))]
+            for key, (shape, dtype) in node.op.workspace(node, self._shard_shapes(nb, shapes)).items():
                 if key not in nb.saved:
-                    nb.work[key] = new(f"work:{node.name}:{key}", memory.TRANSIENT, shape, dtype,
-                                       fwd(node.index), fwd(node.index))
+                    for t, work in enumerate(nb.work):
+                        work[key] = new(f"work:{node.name}:{key}" + (f"#{t}" if t else ""), memory.TRANSIENT,
+                                        shape, dtype, fwd(node.index), fwd(node.index))
             nb.runs_backward = need[node.output]
             plan_nodes.append(nb)
 
@@ -759,14 +831,21 @@ class Program:
                 nb.dxs[k] = grad[v]
             upd = self.updates.get(node.index)
             if any(dx is not None for dx in nb.dxs) or (upd is not None and upd.trains_weight):
-                for key, (shape, dtype) in node.op.backward_workspace(node, shapes_of(node), upd).items():
-                    nb.grad_work[key] = new(f"work:{node.name}:{key}", memory.TRANSIENT, shape, dtype,
-                                            bwd(node.index), bwd(node.index))
+                nb.grad_work = [{} for _ in range(self._thread_sets(nb))]
+                shapes = self._shard_shapes(nb, shapes_of(node))
+                for key, (shape, dtype) in node.op.backward_workspace(node, shapes, upd).items():
+                    for t, work in enumerate(nb.grad_work):
+                        work[key] = new(f"work:{node.name}:{key}" + (f"#{t}" if t else ""), memory.TRANSIENT,
+                                        shape, dtype, bwd(node.index), bwd(node.index))
             if upd is not None:
                 # Compact gradient, the arena's copy of the trained rows, and their momentum.
                 for part, shape in _trained_shapes(node, upd).items():
                     grad_name = new(f"{part}grad:{node.name}", memory.GRADIENTS, shape, F32, bwd(node.index), opt)
                     setattr(nb, f"d{part[0]}", grad_name)
+                    for s in range(1, len(nb.shards or ())):  # the other shards' sums, added in order
+                        getattr(nb, f"d{part[0]}_parts").append(
+                            new(f"{part}grad:{node.name}#{s}", memory.TRANSIENT, shape, F32,
+                                bwd(node.index), bwd(node.index)))
                     new(f"master:{node.name}:{part}", memory.WEIGHTS, shape, F32, 0, opt)
                     if self.momentum:
                         new(f"momentum:{node.name}:{part}", memory.GRADIENTS, shape, F32, 0, opt)
@@ -774,6 +853,18 @@ class Program:
         self.storage_of = storage
         self.nodes = plan_nodes
         self.plan = memory.Plan(buffers, self.steps)
+
+    def _thread_sets(self, nb: _NodeBuffers) -> int:
+        """Scratch sets a node needs: one per thread that runs some of its shards."""
+        return min(self.threads, len(nb.shards)) if nb.shards else 1
+
+    @staticmethod
+    def _shard_shapes(nb: _NodeBuffers, shapes):
+        """Input shapes as one shard (the largest) sees them."""
+        if not nb.shards:
+            return shapes
+        n = max(n1 - n0 for n0, n1 in nb.shards)
+        return [(n,) + tuple(s[1:]) for s in shapes]
 
 
 def _trained_shapes(node: Node, upd: LayerUpdate) -> dict[str, tuple[int, ...]]:
@@ -809,29 +900,86 @@ def _check_channels(node: Node, upd: LayerUpdate):
 
 
 class Executor:
-    """Forward, backward and the trainable state of one graph under one selection."""
+    """Forward, backward and the trainable state of one graph under one selection.
+
+    ``threads`` (default ``default_threads()``): how many threads run the shards of a batched
+    per-image op (``batch_shards``; one shard below 2 * SHARD_IMAGES images) at the same time,
+    each with its own scratch in the arena. The kernels release the GIL; the pool's threads sleep
+    between ops. Results do not depend on it: the shards are the same for any thread count."""
 
     def __init__(self, graph: Graph, selection: Selection | None = None, *, momentum: bool = False,
-                 observe: Iterable[str] = (), use_arena: bool = True):
+                 observe: Iterable[str] = (), use_arena: bool = True, threads: int | None = None):
         self.graph = graph
-        self.program = Program(graph, selection or Selection(), momentum, observe)
+        self.threads = default_threads() if threads is None else int(threads)
+        if self.threads < 1:
+            raise GraphError(f"threads must be >= 1, got {threads}")
+        self.program = Program(graph, selection or Selection(), momentum, observe, threads=self.threads)
         self.plan = self.program.plan
         self.arena = np.zeros(self.plan.arena_bytes, np.uint8) if use_arena else None
         self.buffers = self.plan.views(self.arena)
         for node in graph.nodes:
             node.update = self.program.updates.get(node.index)
-        self._resolved = [self._resolve(nb) for nb in self.program.nodes]
+        self._resolved = [self._resolve(node, nb) for node, nb in zip(graph.nodes, self.program.nodes)]
+        self._pool: ThreadPoolExecutor | None = None
         self.load_trainable()
 
-    def _resolve(self, nb: _NodeBuffers):
+    def _resolve(self, node: Node, nb: _NodeBuffers):
+        """The node's buffers as arrays; for a sharded op also one dict per shard, its slices of
+        the batch, the scratch of the thread that runs it and its own weight-gradient sums."""
         get = lambda name: None if name is None else self.buffers[name]  # noqa: E731
         saved = {k: get(v) for k, v in nb.saved.items()}
-        scratch = {**{k: get(v) for k, v in nb.work.items()}, **saved}
-        saved = {**saved, **{k: get(v) for k, v in nb.grad_work.items()}}
-        return dict(out=get(nb.out), ins=[get(n) for n in nb.ins], saved=saved, scratch=scratch,
-                    dy=get(nb.dy), dxs=[get(n) for n in nb.dxs],
-                    accumulate=[(get(a), get(b)) for a, b in nb.accumulate],
-                    dw=get(nb.dw), db=get(nb.db), runs_backward=nb.runs_backward)
+        r = dict(out=get(nb.out), ins=[get(n) for n in nb.ins], saved=saved,
+                 dy=get(nb.dy), dxs=[get(n) for n in nb.dxs],
+                 accumulate=[(get(a), get(b)) for a, b in nb.accumulate],
+                 dw=get(nb.dw), db=get(nb.db), runs_backward=nb.runs_backward, shards=None)
+        if nb.shards is None:
+            r["scratch"] = {**{k: get(v) for k, v in nb.work[0].items()}, **saved}
+            r["saved"] = {**saved, **{k: get(v) for k, v in nb.grad_work[0].items()}}
+            return r
+        shards = []
+        for s, (n0, n1) in enumerate(nb.shards):
+            cut = lambda a: None if a is None else a[n0:n1]  # noqa: E731
+            t = s % len(nb.work)
+            mine = {k: node.op.shard_saved(node, k, a, n0, n1, nb.input_shape) for k, a in saved.items()}
+            grad_work = nb.grad_work[s % len(nb.grad_work)]
+            shards.append(dict(
+                out=cut(r["out"]), ins=[cut(a) for a in r["ins"]], dy=cut(r["dy"]), dxs=[cut(a) for a in r["dxs"]],
+                accumulate=[(cut(a), cut(b)) for a, b in r["accumulate"]],
+                scratch={**{k: get(v) for k, v in nb.work[t].items()}, **mine},
+                saved={**mine, **{k: get(v) for k, v in grad_work.items()}},
+                dw=r["dw"] if s == 0 else get(nb.dw_parts[s - 1]) if nb.dw_parts else None,
+                db=r["db"] if s == 0 else get(nb.db_parts[s - 1]) if nb.db_parts else None))
+        r["shards"] = shards
+        return r
+
+    def _each_shard(self, shards: list[dict], fn: Callable[[dict], None]):
+        """fn(shard) for every shard: thread t takes shards t, t + T, ... (the scratch the plan
+        gave thread t), the calling thread being thread 0."""
+        threads = min(self.threads, len(shards))
+        if threads == 1:
+            for shard in shards:
+                fn(shard)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads - 1, thread_name_prefix="microtrain")
+        run = lambda mine: [fn(shard) for shard in mine]  # noqa: E731
+        futures = [self._pool.submit(run, shards[t::threads]) for t in range(1, threads)]
+        try:
+            run(shards[0::threads])
+        finally:
+            for future in futures:
+                future.result()  # waits; re-raises a worker's exception
+
+    def close(self):
+        """Stop the worker threads (they also stop when the executor is collected)."""
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     # -- trainable state --------------------------------------------------------------------------
     def trained(self) -> list[tuple[Node, LayerUpdate]]:
@@ -876,7 +1024,7 @@ class Executor:
                 raise GraphError(f"input {v.name!r} must be {v.dtype} {v.shape}, got {array.dtype} {array.shape}")
             np.copyto(self.value(v), array)
         for node, r in zip(self.graph.nodes, self._resolved):
-            node.op.forward(node, r["out"], r["ins"], r["scratch"], train)
+            self.forward_node(node, r, train)
         last = self.graph.nodes[-1]
         out = self._resolved[-1]["out"]
         return float(out) if isinstance(last.op, CrossEntropy) else out
@@ -894,10 +1042,35 @@ class Executor:
                 continue
             if on_output_grad is not None and node.name in self.program.observe:
                 on_output_grad(node, r["out"], r["dy"])
-            if node.update is not None:
-                node.op.backward_weight(node, r["dw"], r["db"], r["dy"], r["saved"], node.update)
-            if any(dx is not None for dx in r["dxs"]):
-                node.op.backward_input(node, r["dxs"], r["dy"], r["saved"])
-                for total, part in r["accumulate"]:
+            self.backward_node(node, r)
+
+    def forward_node(self, node: Node, r: dict, train: bool):
+        """One node's forward (``r`` its resolved buffers), shard by shard if it is sharded."""
+        if r["shards"] is None:
+            node.op.forward(node, r["out"], r["ins"], r["scratch"], train)
+        else:
+            self._each_shard(r["shards"], lambda s: node.op.forward(node, s["out"], s["ins"], s["scratch"], train))
+
+    def backward_node(self, node: Node, r: dict, phases=("weight", "input")):
+        """One node's weight gradient (into the shards' sums, then added in shard order) and
+        input gradient; ``phases`` runs one of them only (profiling)."""
+        upd = node.update
+
+        def step(s):
+            if upd is not None and "weight" in phases:
+                node.op.backward_weight(node, s["dw"], s["db"], s["dy"], s["saved"], upd)
+            if "input" in phases and any(dx is not None for dx in s["dxs"]):
+                node.op.backward_input(node, s["dxs"], s["dy"], s["saved"])
+                for total, part in s["accumulate"]:
                     kew.accumulate(total, part)
+
+        if r["shards"] is None:
+            step(r)
+            return
+        self._each_shard(r["shards"], step)
+        if upd is not None and "weight" in phases:
+            for s in r["shards"][1:]:
+                for key in ("dw", "db"):
+                    if s[key] is not None:
+                        kew.accumulate(r[key], s[key])
 

@@ -199,3 +199,66 @@ def test_bad_graphs_and_inputs_name_what_is_wrong():
         g.pointwise(x, np.zeros((2, 3, 1, 1)), None, name="pw")
     with pytest.raises(GraphError, match="rank-2"):
         g.linear(x, np.zeros((2, 3), np.float32), None, name="fc")
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.data())
+def test_threads_give_bit_identical_gradients_and_shards_sum_to_the_whole_batch(data):
+    """A batch split into shards (batch_shards: 2-4 slices) gives the same loss, weight and bias
+    gradients and SGD update with 1, 2 or 3 threads, bit for bit (each thread owns whole shards;
+    the shards' sums are added in shard order), and they equal the unsplit batch's to rounding.
+    Odd map and channel sizes put the per-image ReLU6 masks on byte boundaries mid-block."""
+    from microtrain import autograd
+
+    arch = data.draw(archs())
+    net = Network(arch, random_arrays(arch, seed=data.draw(st.integers(0, 100))))
+    batch = data.draw(st.sampled_from([2 * autograd.SHARD_IMAGES, 3 * autograd.SHARD_IMAGES + 5,
+                                       4 * autograd.SHARD_IMAGES + 3]), label="batch")
+    assert len(autograd.batch_shards(batch)) > 1
+    feeds = _feeds(net, batch, 3, seed=data.draw(st.integers(0, 100)))
+    every = Selection({layer.name: LayerUpdate.full(layer.out_channels) for layer in net.layers})
+    results = []
+    for threads in (1, 2, 3):
+        run = Executor(net.copy().protonet_graph(batch, 3, SCALE), every, momentum=True, threads=threads)
+        loss = run.forward(feeds)
+        run.backward()
+        grads = {layer.name: [a.copy() for a in run.grad(layer.name)] for layer in net.layers}
+        SGD(1e-2, 0.9, 0.0).step(run)
+        results.append((loss, grads, {layer.name: run.master(layer.name)[0].copy() for layer in net.layers}))
+        run.close()
+    for loss, grads, weights in results[1:]:
+        assert loss == results[0][0]
+        for name in grads:
+            for a, b in zip(grads[name], results[0][1][name]):
+                np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(weights[name], results[0][2][name])
+
+    one = pytest.MonkeyPatch()
+    one.setattr(autograd, "MAX_SHARDS", 1)
+    try:
+        whole = Executor(net.copy().protonet_graph(batch, 3, SCALE), every, threads=2)
+        assert whole.forward(feeds) == pytest.approx(results[0][0], rel=1e-5)
+        whole.backward()
+    finally:
+        one.undo()
+    for name, (dw, db) in results[0][1].items():
+        w_whole, b_whole = whole.grad(name)
+        scale = max(float(np.abs(w_whole).max()), 1e-6)
+        np.testing.assert_allclose(dw, w_whole, rtol=1e-4, atol=1e-5 * scale)
+        np.testing.assert_allclose(db, b_whole, rtol=1e-4, atol=1e-5 * max(float(np.abs(b_whole).max()), 1e-6))
+
+
+def test_threads_must_be_positive_and_the_environment_sets_the_default(monkeypatch):
+    from microtrain import autograd
+
+    net = small_net()
+    with pytest.raises(GraphError, match="threads"):
+        Executor(net.protonet_graph(1, 3, SCALE), threads=0)
+    monkeypatch.setenv("MICROTRAIN_THREADS", "3")
+    assert autograd.default_threads() == 3
+    assert Executor(net.protonet_graph(1, 3, SCALE)).threads == 3
+    monkeypatch.setenv("MICROTRAIN_THREADS", "two")
+    with pytest.raises(GraphError, match="MICROTRAIN_THREADS"):
+        autograd.default_threads()
+    monkeypatch.delenv("MICROTRAIN_THREADS")
+    assert 1 <= autograd.default_threads() <= autograd.MAX_SHARDS

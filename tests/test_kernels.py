@@ -143,6 +143,54 @@ def test_depthwise_matches_twin(data):
     assert np.array_equal(again, dw)
 
 
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_depthwise_channel_blocks_match_twin_and_phase_planes(data):
+    """The channel-block layout (small maps) with full and partial blocks of LANES channels: the
+    forward and input gradient equal the phase-plane kernels' bit for bit and the twin to
+    rounding; the weight gradient matches the twin, its masked rows equal the full rows bit for
+    bit, and a scratch full of junk changes nothing."""
+    from microtrain.kernels import depthwise as kdw
+    from microtrain.kernels._jit import phase_scratch_size
+
+    k = data.draw(st.sampled_from([3, 5, 7]), label="k")
+    s = data.draw(st.sampled_from([1, 2]), label="stride")
+    H, W = data.draw(st.integers(1, 9), label="H"), data.draw(st.integers(1, 9), label="W")
+    C = data.draw(st.one_of(st.integers(1, 4), st.integers(kdw.LANES - 2, 2 * kdw.LANES + 3)), label="C")
+    N = data.draw(st.integers(1, 3), label="N")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    Ho, Wo = out_size(H, k, s), out_size(W, k, s)
+    x, w, b = f32(rng, N, C, H, W), f32(rng, C, 1, k, k), f32(rng, C)
+    dy = f32(rng, N, C, Ho, Wo)
+    blocks = np.full(kdw._block_scratch_size(H, W, k, s) + 3, np.nan, np.float32)
+    planes = np.full(phase_scratch_size(H, W, k, s), np.nan, np.float32)
+
+    out, ref = np.full((N, C, Ho, Wo), np.nan, np.float32), np.empty((N, C, Ho, Wo), np.float32)
+    kdw._depthwise_forward_blocks(out, x, w, b, s, blocks)
+    kdw._depthwise_forward(ref, x, w, b, s, planes)
+    np.testing.assert_array_equal(out, ref)
+    close(out, R.depthwise_forward(d(x), d(w), d(b), s),
+          R.depthwise_forward(abs(d(x)), abs(d(w)), abs(d(b)), s), k * k + 1)
+
+    dx, ref = np.full_like(x, np.nan), np.empty_like(x)
+    kdw._depthwise_backward_input_blocks(dx, dy, w, s, blocks)
+    kdw._depthwise_backward_input(ref, dy, w, s, planes)
+    np.testing.assert_array_equal(dx, ref)
+    close(dx, R.depthwise_backward_input(d(dy), d(w), s, (H, W)),
+          R.depthwise_backward_input(abs(d(dy)), abs(d(w)), s, (H, W)), k * k)
+
+    full = np.arange(C, dtype=np.int64)
+    dw = np.full((C, 1, k, k), np.nan, np.float32)
+    kdw._depthwise_backward_weight_blocks(dw, dy, x, s, full, blocks)
+    close(dw, R.depthwise_backward_weight(d(dy), d(x), s, full, k),
+          R.depthwise_backward_weight(abs(d(dy)), abs(d(x)), s, full, k), N * Ho * Wo)
+    ch = subset(data, C)
+    part = np.full((len(ch), 1, k, k), np.nan, np.float32)
+    kdw._depthwise_backward_weight_blocks(part, dy, np.ascontiguousarray(x[:, ch]), s, ch,
+                                          np.full_like(blocks, np.nan))
+    np.testing.assert_array_equal(part, dw[ch])
+
+
 # --------------------------------------------------------------------------- pointwise / linear
 @SETTINGS
 @given(data=st.data())

@@ -34,18 +34,20 @@ def test_first_fit_never_overlaps_live_buffers(intervals):
     assert plan.arena_bytes == max(b.offset + b.padded for b in buffers)
 
 
-def _graph_and_program(arch, selection, momentum=True):
+def _graph_and_program(arch, selection, momentum=True, batch=1, threads=1):
     net = Network(arch, random_arrays(arch))
-    graph = net.protonet_graph(1, 3, 10.0)
-    return net, graph, Program(graph, selection, momentum)
+    graph = net.protonet_graph(batch, 3, 10.0)
+    return net, graph, Program(graph, selection, momentum, threads=threads)
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_plan_invariants_on_random_networks(data):
+    """Also at a batch split into shards (33 images: two) with each thread's own scratch."""
     arch = data.draw(archs())
     selection = data.draw(selections(arch))
-    net, graph, program = _graph_and_program(arch, selection)
+    batch, threads = data.draw(st.sampled_from([1, 2, 33]), label="batch"), data.draw(st.integers(1, 3), label="threads")
+    net, graph, program = _graph_and_program(arch, selection, batch=batch, threads=threads)
     plan = program.plan
     F = len(graph.nodes)
     by_name = {b.name: b for b in plan.buffers}
@@ -53,18 +55,25 @@ def test_plan_invariants_on_random_networks(data):
 
     # Every buffer a step reads or writes is alive at that step.
     for node, nb in zip(graph.nodes, program.nodes):
-        for name in [nb.out, *nb.ins, *nb.work.values(), *nb.saved.values()]:
+        work = [name for per_thread in nb.work for name in per_thread.values()]
+        grad_work = [name for per_thread in nb.grad_work for name in per_thread.values()]
+        for name in [nb.out, *nb.ins, *work, *nb.saved.values()]:
             assert by_name[name].alive_at(node.index), (node.name, name)
+        # a per-image op runs in shards, each thread that runs some with its own scratch
+        shards = len(nb.shards) if nb.shards else 1
+        assert len(nb.work) == min(threads, shards) and len(set(work)) == len(work)
         # the convolutions work in planned scratch, in forward and wherever a gradient is made
         if node.op.kind in ("conv", "depthwise"):
             upd = program.updates.get(node.index)
-            assert "planes" in nb.work
-            assert ("grad-planes" in nb.grad_work) == (any(dx is not None for dx in nb.dxs)
-                                                      or (upd is not None and upd.trains_weight))
+            assert all("planes" in per_thread for per_thread in nb.work)
+            assert ("grad-planes" in nb.grad_work[0]) == (any(dx is not None for dx in nb.dxs)
+                                                         or (upd is not None and upd.trains_weight))
+        if nb.dw is not None:
+            assert len(nb.dw_parts) == shards - 1
         if nb.runs_backward:
             step = 2 * F - 1 - node.index
-            for name in [nb.dy, *nb.saved.values(), *filter(None, nb.dxs), nb.dw, nb.db,
-                         *nb.grad_work.values(), *(a for pair in nb.accumulate for a in pair)]:
+            for name in [nb.dy, *nb.saved.values(), *filter(None, nb.dxs), nb.dw, nb.db, *nb.dw_parts,
+                         *nb.db_parts, *grad_work, *(a for pair in nb.accumulate for a in pair)]:
                 if name is not None:
                     assert by_name[name].alive_at(step), (node.name, name, step)
 
@@ -80,7 +89,7 @@ def test_plan_invariants_on_random_networks(data):
         if out not in kept_inputs:
             assert not by_name[out].alive_at(F), node.name
     # The executor's arena is exactly the plan's size.
-    run = Executor(graph, selection, momentum=True)
+    run = Executor(graph, selection, momentum=True, threads=threads)
     assert run.arena.nbytes == plan.arena_bytes
 
 

@@ -26,8 +26,9 @@ process CPU time per image of each (what a step costs on a loaded machine, whate
 cores it got), and the planned backward memory and backward MACs of each method; targets: batch 1 per method
 (``STEP_TARGETS``), FullTrain at batch 100 at most PyTorch's time and no more time per image
 than at batch 1. Without ``--threads`` each library
-keeps its own default thread count (printed); with it, both are set (OpenBLAS and Numba through
-the environment before NumPy is imported, torch with ``set_num_threads``). ``--profile`` splits
+keeps its own default thread count (printed); with it, both are set: microtrain's executor runs
+the shards of a batched op on that many threads (``MICROTRAIN_THREADS``; one BLAS thread inside
+each, OpenBLAS set before NumPy is imported), torch with ``set_num_threads``. ``--profile`` splits
 microtrain's step of the MCUNet methods that miss their target (or all) by op and phase into
 compiled-kernel/BLAS time and Python time, next to torch's profiler's view of its own step.
 
@@ -230,7 +231,7 @@ def load_line(label: str, other: OtherCPU | None = None, exclude=(), threads: in
 
 
 # --------------------------------------------------------------------------- threads
-THREAD_ENV = ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+THREAD_ENV = ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "MICROTRAIN_THREADS")
 
 
 def _openblas_threads():
@@ -278,8 +279,12 @@ def thread_report(threads, torch, policy=None) -> str:
                                                                    or "nothing") +
            (" (OMP/MKL removed again before torch was imported)" if policy else "")
            + "; torch uses every core it sees")
+    from microtrain.autograd import MAX_SHARDS, SHARD_IMAGES, default_threads
+
     lines = [f"threads ({how}; cores: {os.cpu_count()}, affinity {len(os.sched_getaffinity(0))}; env: {env})",
-             f"  microtrain: OpenBLAS {blas} ({blas_lib}; NumPy's matmul in the pointwise forward and "
+             f"  microtrain: executor {default_threads()} thread(s) over the shards of a batched op "
+             f"(batches of {2 * SHARD_IMAGES}+ images split into up to {MAX_SHARDS} slices, whatever the "
+             f"thread count); OpenBLAS {blas} ({blas_lib}; NumPy's matmul in the pointwise forward and "
              f"backward-input), Numba {numba.get_num_threads()} -- but {len(parallel)} of {len(every)} "
              f"microtrain kernels are compiled parallel=True{(' (' + ', '.join(parallel) + ')') if parallel else ''}, "
              f"so the Numba kernels run on one thread"]
@@ -496,7 +501,6 @@ def _profile_mt(case: StepCase, steps: int) -> None:
     (phase, op) splits into kernel time and Python time (op method + kernel wrapper checks)."""
     import numpy as np
     from microtrain.autograd import CrossEntropy  # noqa: F401 - the executor this mirrors
-    from microtrain.kernels import elementwise as kew
 
     run, opt, feeds = case.run, case.opt, case.feeds
     plain = median_time(case.mt_step, repeats=15, min_batch_s=0.05)
@@ -532,22 +536,19 @@ def _profile_mt(case: StepCase, steps: int) -> None:
             for key, array in feeds.items():
                 call(stats, ("feed", "copy"), key, np.copyto, run.value(key), array)
             for node, r in zip(nodes, resolved):
-                call(stats, ("forward", node.op.kind), node.name, node.op.forward, node, r["out"], r["ins"],
-                     r["scratch"], case.trains)
+                call(stats, ("forward", node.op.kind), node.name, run.forward_node, node, r, case.trains)
             if case.trains:
                 resolved[-1]["dy"][()] = 1.0
                 for node in reversed(nodes):
                     r = resolved[node.index]
                     if not r["runs_backward"]:
                         continue
-                    if node.update is not None:
-                        call(stats, ("backward-weight", node.op.kind), node.name, node.op.backward_weight, node,
-                             r["dw"], r["db"], r["dy"], r["saved"], node.update)
-                    if any(dx is not None for dx in r["dxs"]):
-                        call(stats, ("backward-input", node.op.kind), node.name, node.op.backward_input, node,
-                             r["dxs"], r["dy"], r["saved"])
-                        for total, part in r["accumulate"]:
-                            call(stats, ("backward-input", "accumulate"), node.name, kew.accumulate, total, part)
+                    if node.update is not None:  # with the sum over the shards
+                        call(stats, ("backward-weight", node.op.kind), node.name, run.backward_node, node, r,
+                             ("weight",))
+                    if any(dx is not None for dx in r["dxs"]):  # with the gradient sums of values used twice
+                        call(stats, ("backward-input", node.op.kind), node.name, run.backward_node, node, r,
+                             ("input",))
                 call(stats, ("optimizer", "SGD.step"), "optimizer", opt.step, run)
             if i == 2:
                 by_node.clear()
@@ -720,7 +721,8 @@ def cmd_step(args) -> int:
           f"median of {args.repeats} interleaved batches (>= 50 ms each) after warm-up; numpy {np.__version__}, "
           f"torch {torch.__version__}")
     print(thread_report(args.threads, torch, getattr(args, "policy", None)))
-    threads_used = max(torch.get_num_threads(), _openblas_threads()[0] or 1)
+    from microtrain.autograd import default_threads
+    threads_used = max(torch.get_num_threads(), _openblas_threads()[0] or 1, default_threads())
     multi = threads_used > 1
     pause = PAUSE_S if multi else 0.0
     print(f"interleaving: {f'a {pause:.1f} s pause before every batch (idle OpenBLAS/OpenMP workers spin ~0.1 s and would slow the other library), then' if multi else 'single-threaded libraries: no pause between batches;'} "
@@ -817,7 +819,7 @@ def cmd_step(args) -> int:
               f"+- = half the interquartile range over the batches, as a share of the median; bwd mem = the "
               f"planner's backward memory: weights being updated + gradients/momentum + activations kept; "
               f"torch trains whole layers, hence its parameter count; {time.perf_counter() - t0:.0f} s)")
-        print(load_line(f"during {name}", other, threads=max(torch.get_num_threads(), _openblas_threads()[0] or 1)))
+        print(load_line(f"during {name}", other, threads=threads_used))
         if name == TARGET_BACKBONE and ("none", 1) in results and ("tinytrain", 1) in results:
             fwd, torch_tt = results["none", 1][0], results["tinytrain", 1][2]
             print(f"TinyTrain floor: microtrain's forward alone takes {fwd * 1e3:.2f} ms = {fwd / torch_tt:.2f}x "
@@ -1027,6 +1029,8 @@ def main(argv=None) -> int:
         if args.threads < 1:
             raise SystemExit("--threads must be >= 1")
         wanted = {key: str(args.threads) for key in THREAD_ENV}
+        if args.command == "step":  # microtrain's threads split the batch, one BLAS thread in each
+            wanted.update(OPENBLAS_NUM_THREADS="1", MICROTRAIN_THREADS=str(args.threads))
         if "numpy" in sys.modules and any(os.environ.get(k) != v for k, v in wanted.items()):
             if argv is not None:
                 raise SystemExit("--threads: NumPy is already imported in this process, so OpenBLAS/Numba "
