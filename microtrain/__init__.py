@@ -8,7 +8,30 @@ import os
 # takes effect only if NumPy is not loaded yet, and a value the user set wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+
+def _numba_cache_outside_checkout() -> None:
+    """An installed copy caches Numba's compiled kernels in the user cache (paths.py), not beside
+    its sources in site-packages, so uninstalling leaves nothing behind. A checkout keeps Numba's
+    default (``__pycache__`` beside each kernel file); a ``NUMBA_CACHE_DIR`` the user set wins.
+    Set before Numba is imported, which reads it once."""
+    from .paths import numba_cache_dir
+
+    folder = numba_cache_dir()
+    if folder is not None and "NUMBA_CACHE_DIR" not in os.environ:
+        os.environ["NUMBA_CACHE_DIR"] = str(folder)
+
+
+_numba_cache_outside_checkout()
+
 __version__ = "0.1.0"
+
+
+def load_classifier(path):
+    """An adapted classifier written by ``python -m microtrain.adapt`` (``classifier.npz``):
+    ``.predict(images)`` on file paths or uint8 arrays (see ``microtrain.classifier``)."""
+    from .classifier import Classifier
+
+    return Classifier.load(path)
 
 
 def load(path):
