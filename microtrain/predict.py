@@ -1,0 +1,282 @@
+"""``python -m microtrain.predict CLASSIFIER IMAGES...``: recognise new images with an adapted classifier.
+
+IMAGES are image files, folders (searched recursively, links to folders not followed) and zips
+of them. Each image is prepared as in adaptation (``microtrain.data``: decoded, RGB, resized),
+embedded by the adapted network in batches through its planned forward-only executor (one arena,
+no training memory) and given the class of the most similar prototype. One line per image:
+path, predicted class, cosine score (``--top-k``: the K best classes); ``--json`` or ``--csv``
+for machines.
+
+When images sit in class folders (a folder on their path named like one of the classifier's
+classes, e.g. the query folder given to ``adapt``), they are also scored: accuracy, accuracy per
+class and the confusion matrix. Bad input: one line on stderr, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+PROG = "python -m microtrain.predict"
+MAX_MEMBER_BYTES = 256 * 2 ** 20  # a zip member declared larger than this is not read (no real image is)
+
+
+class UsageError(ValueError):
+    """Bad command-line input (one line)."""
+
+
+@dataclass
+class Item:
+    """One image to classify: how it is shown, how its bytes are read, its true label if known."""
+
+    shown: str
+    read: Callable[[], bytes]
+    truth: int | None = None
+
+
+def _truth(folders, index: dict[str, int]) -> int | None:
+    """The label of the nearest enclosing folder named like a class (innermost first)."""
+    for name in reversed(folders):
+        if name in index:
+            return index[name]
+    return None
+
+
+def _read_file(path: Path) -> Callable[[], bytes]:
+    def read() -> bytes:
+        from .data import DataError
+
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return read
+
+
+def _member_name(info: zipfile.ZipInfo) -> str:
+    """A member's name as written: names without the UTF-8 flag that are valid UTF-8 are read as
+    UTF-8 (what most zip tools write; ``zipfile`` assumes cp437 for them, as ``unzip`` does not)."""
+    if info.flag_bits & 0x800:
+        return info.filename
+    try:
+        return info.filename.encode("cp437").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return info.filename
+
+
+def collect(paths: list[str], classes: list[str]) -> tuple[list[Item], int]:
+    """Every image under ``paths`` in a stable order (each argument in turn, sorted within it),
+    and the number of files skipped as not images (by extension; hidden files and ``__MACOSX``
+    are not counted). Raises ``UsageError`` for a path that does not exist."""
+    from .data import _hidden, _is_image_name
+
+    index = {name: label for label, name in enumerate(classes)}
+    items: list[Item] = []
+    skipped = 0
+    for arg in paths:
+        path = Path(arg)
+        if path.is_dir():
+            for dirpath, dirnames, filenames in os.walk(path):  # links to folders are not followed: no loops
+                dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+                rel = Path(dirpath).relative_to(path).parts
+                for name in sorted(filenames):
+                    if _hidden(name):
+                        continue
+                    if not _is_image_name(name):
+                        skipped += 1
+                        continue
+                    file = Path(dirpath) / name
+                    items.append(Item(str(file), _read_file(file), _truth((path.name,) + rel, index)))
+        elif path.is_file() and path.suffix.lower() == ".zip":
+            items_here, skipped_here = _collect_zip(path, index)
+            items += items_here
+            skipped += skipped_here
+        elif path.is_file():
+            items.append(Item(str(path), _read_file(path), _truth(path.parent.parts[-1:], index)))
+        else:
+            raise UsageError(f"{arg}: no such file or directory")
+    return items, skipped
+
+
+def _collect_zip(path: Path, index: dict[str, int]) -> tuple[list[Item], int]:
+    from .data import DataError, _hidden, _is_image_name
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{path}: not a readable zip ({exc})") from None
+    items, skipped = [], 0
+    for info in sorted(infos, key=_member_name):
+        name = _member_name(info)
+        parts = [p for p in name.split("/") if p]
+        if not parts or any(_hidden(p) for p in parts):
+            continue
+        if not _is_image_name(parts[-1]):
+            skipped += 1
+            continue
+
+        def read(info=info, name=name) -> bytes:
+            if info.file_size > MAX_MEMBER_BYTES:
+                raise DataError(f"{path}:{name}: declares {info.file_size / 2 ** 20:.0f} MB uncompressed, more than "
+                                f"the {MAX_MEMBER_BYTES >> 20} MB any real image needs; not read")
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    return zf.read(info)
+            except (zipfile.BadZipFile, OSError) as exc:
+                raise DataError(f"{path}:{name}: cannot read member ({exc})") from None
+        items.append(Item(f"{path}:{name}", read, _truth(parts[:-1], index)))
+    return items, skipped
+
+
+def evaluate(truths: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, accuracy per class and the confusion matrix (rows: true class, columns:
+    predicted) of int labels; only the images with a known class (truth >= 0) count."""
+    known = truths >= 0
+    t, p = truths[known], predicted[known]
+    confusion = np.zeros((len(classes), len(classes)), np.int64)
+    np.add.at(confusion, (t, p), 1)
+    per_class = {}
+    for k, name in enumerate(classes):
+        n = int(confusion[k].sum())
+        if n:
+            per_class[name] = {"images": n, "correct": int(confusion[k, k]), "accuracy": confusion[k, k] / n}
+    return {"images": int(known.sum()), "correct": int((t == p).sum()),
+            "accuracy": float((t == p).mean()) if len(t) else None,
+            "per_class": per_class, "confusion": confusion.tolist(), "unlabelled": int((~known).sum())}
+
+
+def evaluation_text(ev: dict, classes: list[str]) -> list[str]:
+    lines = [f"accuracy: {100 * ev['accuracy']:.2f}% ({ev['correct']} of {ev['images']} images in class folders"
+             + (f"; {ev['unlabelled']} others not scored)" if ev["unlabelled"] else ")")]
+    width = max(len("class"), *(len(c) for c in ev["per_class"]))
+    lines.append(f"per class:  {'#':>3}  {'class':<{width}}  {'images':>6}  {'accuracy':>8}")
+    for k, name in enumerate(classes):
+        if name in ev["per_class"]:
+            c = ev["per_class"][name]
+            lines.append(f"            {k:>3}  {name:<{width}}  {c['images']:>6}  {100 * c['accuracy']:7.1f}%")
+    shown = [k for k, row in enumerate(ev["confusion"]) if sum(row)] or list(range(len(classes)))
+    cols = [k for k in range(len(classes)) if any(ev["confusion"][r][k] for r in range(len(classes)))]
+    cell = max(3, *(len(str(v)) for row in ev["confusion"] for v in row)) + 1
+    lines.append("confusion matrix (rows: true class #, columns: predicted class #):")
+    lines.append("     " + "".join(f"{k:>{cell}}" for k in cols))
+    for r in shown:
+        lines.append(f"  {r:>3}" + "".join(f"{ev['confusion'][r][k]:>{cell}}" for k in cols))
+    return lines
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
+                                description="Classify images with a classifier written by python -m microtrain.adapt.")
+    p.add_argument("classifier", help="the classifier file (runs/adapt/classifier.npz by default in adapt)")
+    p.add_argument("images", nargs="+", help="image files, folders and zips of them")
+    p.add_argument("--top-k", type=int, default=1, help="also list the K best classes per image (default %(default)s)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    fmt.add_argument("--csv", action="store_true", help="CSV on stdout (the evaluation, if any, goes to stderr)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per forward pass (default: the batch adaptation embeds with, 4)")
+    p.add_argument("--quiet", action="store_true", help="no per-image lines in text mode (only the evaluation)")
+    return p
+
+
+def run(args, out=None, err=None) -> dict:
+    """Classify ``args.images`` with ``args.classifier``; print as asked (``out``, ``err``: default
+    stdout and stderr); return the result as in ``--json``."""
+    out, err = out or sys.stdout, err or sys.stderr
+    from .classifier import EMBED_BATCH, Classifier, load_image
+
+    if args.top_k < 1:
+        raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
+    batch = EMBED_BATCH if args.batch is None else args.batch
+    if batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {batch}")
+    clf = Classifier.load(args.classifier)
+    items, skipped = collect(args.images, clf.classes)
+    if skipped:
+        print(f"note: skipped {skipped} file(s) whose names are not images", file=err, flush=True)
+    if not items:
+        raise UsageError(f"no images found in {', '.join(args.images)}")
+    k = min(args.top_k, len(clf.classes))
+    writer = None
+    if args.csv:
+        writer = csv.writer(out)
+        writer.writerow(["path", "class", "score"] + [f"{w}_{j}" for j in range(2, k + 1) for w in ("class", "score")]
+                        + ["true_class"])
+    start = time.perf_counter()
+    records, predicted = [], np.empty(len(items), np.int64)
+    chunk = max(batch, 32)
+    for s in range(0, len(items), chunk):
+        part = items[s:s + chunk]
+        images = np.stack([load_image(item.read(), clf.resolution, item.shown) for item in part])
+        for j, (item, pred) in enumerate(zip(part, clf.predict(images, top_k=k, batch=batch))):
+            predicted[s + j] = pred.label
+            truth = None if item.truth is None else clf.classes[item.truth]
+            records.append({"path": item.shown, "class": pred.name, "score": pred.score,
+                            "top": [{"class": n, "score": v} for n, v in pred.top], "true_class": truth})
+            if writer is not None:
+                writer.writerow([item.shown, pred.name, f"{pred.score:.6f}"]
+                                + [x for n, v in pred.top[1:] for x in (n, f"{v:.6f}")] + [truth or ""])
+            elif not args.json and not args.quiet:
+                extra = "" if k == 1 else "  (" + ", ".join(f"{n} {v:.3f}" for n, v in pred.top[1:]) + ")"
+                print(f"{item.shown}  {pred.name}  {pred.score:.3f}{extra}", file=out)
+        out.flush()
+    seconds = time.perf_counter() - start
+    truths = np.array([-1 if item.truth is None else item.truth for item in items])
+    ev = evaluate(truths, predicted, clf.classes) if (truths >= 0).any() else None
+    result = {"classifier": str(args.classifier), "classes": clf.classes, "predictions": records,
+              "evaluation": ev, "seconds": seconds}
+    if args.json:
+        from .pipeline import json_ready
+
+        print(json.dumps(json_ready(result), indent=2, allow_nan=False, ensure_ascii=False), file=out, flush=True)
+    else:
+        stream = err if args.csv else out
+        if ev is not None:
+            for line in evaluation_text(ev, clf.classes):
+                print(line, file=stream)
+        print(f"classified {len(items)} image(s) in {seconds:.2f} s ({1e3 * seconds / len(items):.1f} ms each: "
+              f"decode, resize, forward pass)", file=err if args.csv else out, flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .adapt import KERNELS_NOTICE, missing_optional, notice_if_slow
+
+    quiet_notice = args.json or args.csv or args.quiet
+    with notice_if_slow(KERNELS_NOTICE, lambda line: None if quiet_notice else print(line, file=sys.stderr)):
+        from . import model  # noqa: F401 - imports the engine: its Numba kernels compile or load here
+    from .classifier import ClassifierError
+    from .data import DataError
+
+    try:
+        run(args)
+    except (UsageError, ClassifierError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        if not missing_optional(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. piped into head: the reader has what it wanted
+        sys.stderr.close()
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
