@@ -6,35 +6,34 @@ Traffic Sign data, TinyTrain under a 512 KB backward-memory budget and 15% of th
 
 It prints the selection, a progress bar, query accuracy before and after, the backward memory
 (planned, and what the arena holds) and MACs, the time split and the peak RSS, and writes the
-adapted weights and a JSON report to ``--out``. Bad input: one line on stderr, exit status 2.
+adapted classifier (``classifier.npz``, for ``python -m microtrain.predict``) and a JSON report
+to ``--out``. Arguments are checked before any work; bad input: one line on stderr, exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import re
-import resource
 import sys
-import tempfile
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from . import model
-from .checkpoint import CheckpointError, backbone_file
-from .data import DataError, open_dataset
-from .episodes import EpisodeImages, from_folders, sample_episode, sample_metadataset_episode
-from .methods import METHODS, Budgets
-from .paths import MissingSharedError, shared_file
-from .pipeline import adapt_episode
-from .tinytrain import BudgetError
-from .train import FinetuneConfig, TrainingDiverged
-from .weight_format import save_weights
+from .paths import write_atomic
+
+_write_atomic = write_atomic  # the name tools/evaluate.py imports
 
 DEFAULT_MODEL = "mcunet-5fps"
 DEFAULT_DATA = "traffic_sign.zip"
+BUDGETED = "tinytrain"  # methods whose selection reads the budgets: tinytrain and its ablations
+CLASSIFIER_FILE = "classifier.npz"
+REPORT_FILE = "report.json"
 
 
 class UsageError(ValueError):
@@ -55,44 +54,92 @@ def parse_macs(text: str, forward_macs: int) -> int:
     text = str(text).strip()
     try:
         if text.endswith("%"):
-            return int(float(text[:-1]) / 100 * forward_macs)
-        scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1].lower(), 1)
-        return int(float(text[:-1] if scale != 1 else text) * scale)
-    except ValueError:
+            value = int(float(text[:-1]) / 100 * forward_macs)
+        else:
+            scale = {"k": 1e3, "m": 1e6, "g": 1e9}.get(text[-1:].lower(), 1)
+            value = int(float(text[:-1] if scale != 1 else text) * scale)
+    except (ValueError, OverflowError):
         raise UsageError(f"cannot read {text!r} as a MAC budget (e.g. 15%, 3.4M)") from None
+    if value < 0:
+        raise UsageError(f"MAC budget {text!r} is negative")
+    return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+@contextlib.contextmanager
+def notice_if_slow(message: str, say, after: float = 5.0):
+    """Run the block; if it takes longer than ``after`` seconds, say ``message`` while it runs and
+    how long it took when it ends (e.g. Numba compiling the kernels on a first run)."""
+    said = threading.Event()
+
+    def speak():
+        said.set()
+        say(message)
+    timer = threading.Timer(after, speak)
+    timer.daemon = True
+    start = time.perf_counter()
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        if said.is_set():
+            say(f"  ... done in {time.perf_counter() - start:.1f} s")
+
+
+# A warm start loads the compiled kernels in 1-3 s (2 busy x86 cores); compiling them, after an install
+# or an update, takes 10-30 s there and longer on a board.
+KERNELS_NOTICE = ("loading microtrain's Numba kernels: the first run after an install or update compiles them "
+                  "(10-30 s on a PC, minutes on a small board); later runs load them from the cache")
+
+
+class _Explicit(argparse.Action):
+    """Store the value and remember that the user gave the option (``args.explicit``), so that
+    options that do not apply can be refused or flagged while defaults stay plain values."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.explicit = frozenset(getattr(namespace, "explicit", ())) | {self.dest}
+
+
+def build_parser(methods: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The command line (``methods``: the names ``--method`` accepts, default ``methods.METHODS``)."""
+    from .train import FinetuneConfig
+
+    if methods is None:
+        from .methods import METHODS as methods
     d = FinetuneConfig()
     p = argparse.ArgumentParser(
-        prog="python -m microtrain.adapt",
+        prog="python -m microtrain.adapt", allow_abbrev=False,
         description="Adapt a pretrained tiny CNN to a few labelled images (TinyTrain: Fisher-potential "
                     "layer/channel selection under memory and compute budgets, sparse fine-tuning, "
-                    "cosine prototype head).")
+                    "cosine prototype head) and save the classifier for python -m microtrain.predict.")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a shared backbone name (mcunet-5fps, mbv2-w0.35, proxyless-w0.3; converted on "
-                        "first use) or a microtrain weight file (.npz). Default: %(default)s")
+                   help="a backbone name (mcunet-5fps, mbv2-w0.35, proxyless-w0.3: converted from the shared "
+                        "checkpoints on first use, into the user cache), a microtrain weight file (.npz) or "
+                        "a classifier file to adapt further. Default: %(default)s")
     g = p.add_argument_group("data: either --support/--query folders, or --data with an episode drawn from it")
     g.add_argument("--support", help="class-per-folder directory (or zip) of labelled support images")
     g.add_argument("--query", help="class-per-folder directory (or zip) of query images, same classes")
     g.add_argument("--data", help=f"a dataset (folder, zip or .npz) to draw an episode from. Default: the "
                                   f"shared {DEFAULT_DATA}")
-    g.add_argument("--way", type=int, default=10, help="classes per episode (default %(default)s)")
-    g.add_argument("--shot", type=int, default=5, help="support images per class (default %(default)s)")
-    g.add_argument("--query-shots", type=int, default=10, help="query images per class (default %(default)s)")
-    g.add_argument("--sampler", choices=("fixed", "metadataset"), default="fixed",
-                   help="fixed way/shot, or the Meta-Dataset sampler of the paper's Appendix B")
-    g.add_argument("--seed", type=int, default=0, help="episode seed (default %(default)s)")
+    g.add_argument("--way", type=int, default=10, action=_Explicit, help="classes per episode, >= 2 (default %(default)s)")
+    g.add_argument("--shot", type=int, default=5, action=_Explicit, help="support images per class (default %(default)s)")
+    g.add_argument("--query-shots", type=int, default=10, action=_Explicit,
+                   help="query images per class (default %(default)s)")
+    g.add_argument("--sampler", choices=("fixed", "metadataset"), default="fixed", action=_Explicit,
+                   help="fixed way/shot, or the Meta-Dataset sampler of the paper's Appendix B (default %(default)s)")
+    g.add_argument("--seed", type=int, default=0, action=_Explicit, help="episode seed (default %(default)s)")
     g = p.add_argument_group("method and budgets")
-    g.add_argument("--method", choices=METHODS, default="tinytrain", help="default %(default)s")
-    g.add_argument("--mem-budget", default="512KB",
-                   help="backward memory budget: weights updated + gradients + optimizer state + "
-                        "activations kept for backward (default %(default)s)")
-    g.add_argument("--mac-budget", default="15%",
-                   help="backward MAC budget: a share of the forward MACs or a count (default %(default)s)")
+    g.add_argument("--method", choices=methods, default="tinytrain", help="default %(default)s")
+    g.add_argument("--mem-budget", default="512KB", action=_Explicit,
+                   help="backward memory budget: weights updated + gradients + optimizer state + activations "
+                        "kept for backward (default %(default)s; TinyTrain methods only)")
+    g.add_argument("--mac-budget", default="15%", action=_Explicit,
+                   help="backward MAC budget: a share of the forward MACs or a count "
+                        "(default %(default)s; TinyTrain methods only)")
     g = p.add_argument_group("fine-tuning")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the support set (default %(default)s)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the support set, >= 1 (default %(default)s)")
     g.add_argument("--lr", type=float, default=d.lr,
                    help="SGD learning rate (default: the method's, from the validation sweeps: "
                         "fulltrain and tinytl 1e-4, the others 3e-3)")
@@ -100,27 +147,147 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default %(default)s")
     g.add_argument("--scale", type=float, default=d.scale, help="cosine logit scale (default %(default)s)")
     g.add_argument("--batch", type=int, default=d.batch, help="pseudo-queries per step (default %(default)s)")
-    g.add_argument("--train-seed", type=int, default=d.seed, help="augmentation/order seed (default %(default)s)")
+    g.add_argument("--train-seed", type=int, default=d.seed,
+                   help="augmentation, order and held-out split seed (default %(default)s)")
+    g.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True,
+                   help="hold out a fifth of each class's support images, train on the rest, and keep the "
+                        "pre-adaptation weights when the held-out images are classified worse after "
+                        "adaptation (default: on; --no-keep-best trains on every support image and keeps "
+                        "the result whatever it is)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default="runs/adapt", help="folder for adapted.npz and report.json (default %(default)s)")
-    g.add_argument("--plan", action="store_true", help="print every buffer of the memory plan")
-    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g.add_argument("--out", default="runs/adapt",
+                   help=f"folder for {CLASSIFIER_FILE} and {REPORT_FILE} (default %(default)s)")
+    g.add_argument("--plan", action="store_true", help="also print every buffer of the memory plan")
+    g.add_argument("--json", action="store_true",
+                   help="print the report as JSON on stdout (the progress lines go to stderr)")
+    g.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     return p
 
 
-def _resolve_model(spec: str):
+def _finite(value, name: str, low: float, *, strict: bool = True, high: float | None = None) -> None:
+    ok = value is not None and math.isfinite(value) and (value > low if strict else value >= low)
+    if ok and high is not None:
+        ok = value < high
+    if not ok:
+        bound = f"> {low}" if strict else f">= {low}"
+        raise UsageError(f"{name} must be a finite number {bound}" + (f" and < {high}" if high is not None else "")
+                         + f", got {value}")
+
+
+def validate(args, methods_budgeted: bool) -> list[str]:
+    """Check every argument before any work (no model, data or training yet). Fills in the
+    defaults of options left unset. Returns the warnings to print; raises ``UsageError``."""
+    from .checkpoint import SHARED_CHECKPOINTS
+
+    given = getattr(args, "explicit", frozenset())
+    episode_opts = [o for o in ("way", "shot", "query_shots", "sampler", "seed") if o in given]
+    flag = lambda o: "--" + o.replace("_", "-")  # noqa: E731
+    if args.support or args.query:
+        if not (args.support and args.query):
+            raise UsageError("--support and --query go together")
+        if args.data:
+            raise UsageError("--data draws an episode; --support/--query give one: use one or the other")
+        if episode_opts:
+            raise UsageError(f"{', '.join(map(flag, episode_opts))}: for an episode drawn from --data; with "
+                             "--support/--query every image of the two folders is used")
+    elif args.sampler == "metadataset":
+        fixed = [o for o in ("way", "shot", "query_shots") if o in given]
+        if fixed:
+            raise UsageError(f"{', '.join(map(flag, fixed))} apply to the fixed sampler; the metadataset sampler "
+                             "draws its own way and shots")
+    if args.way < 2:
+        raise UsageError(f"--way must be >= 2 (a classifier tells classes apart), got {args.way}")
+    if args.shot < 1 or args.query_shots < 1:
+        raise UsageError(f"--shot and --query-shots must be >= 1 (query images measure the accuracy), got "
+                         f"{args.shot} and {args.query_shots}")
+    if args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs} (--method none adapts nothing: only the "
+                         "prototypes)")
+    if args.batch < 1:
+        raise UsageError(f"--batch must be >= 1, got {args.batch}")
+    if args.lr is not None:
+        _finite(args.lr, "--lr", 0.0)
+    _finite(args.momentum, "--momentum", 0.0, strict=False, high=1.0)
+    _finite(args.weight_decay, "--weight-decay", 0.0, strict=False)
+    _finite(args.scale, "--scale", 0.0)
+    warnings = []
+    budgets = [o for o in ("mem_budget", "mac_budget") if o in given]
+    if budgets and not methods_budgeted:
+        warnings.append(f"{' and '.join(map(flag, budgets))} {'do' if len(budgets) > 1 else 'does'} not apply to "
+                        f"--method {args.method}, whose policy is fixed; only the tinytrain methods select "
+                        "under budgets")
+    if parse_bytes(args.mem_budget) <= 0:
+        raise UsageError(f"--mem-budget must be positive, got {args.mem_budget!r}")
+    parse_macs(args.mac_budget, 1)  # the syntax; the share is taken of the model's MACs later
+    model = Path(args.model)
+    if model.suffix == ".npz":
+        if not model.is_file():
+            raise UsageError(f"--model {args.model}: no such file")
+    elif args.model not in SHARED_CHECKPOINTS:
+        raise UsageError(f"--model {args.model!r}: not a known backbone ({', '.join(SHARED_CHECKPOINTS)}) "
+                         "nor a .npz weight or classifier file")
+    for opt in ("support", "query", "data"):
+        value = getattr(args, opt)
+        if value and not Path(value).exists():
+            raise UsageError(f"--{opt} {value}: no such file or directory")
+    _check_out(Path(args.out))
+    return warnings
+
+
+def _check_out(out: Path) -> None:
+    """The output folder can be made and written, and its files are not folders."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a folder (it receives {CLASSIFIER_FILE} and {REPORT_FILE})")
+    for name in (CLASSIFIER_FILE, REPORT_FILE):
+        if (out / name).is_dir():
+            raise UsageError(f"--out {out}: {out / name} is a folder")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--out {out}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: cannot write in {probe}")
+
+
+def backbone_file(name: str, log=None) -> Path:
+    """The weight file of a backbone named ``name``.
+
+    The shared ImageNet backbones (``checkpoint.SHARED_CHECKPOINTS``) are converted from
+    ``<shared>/checkpoints/<name>.pkl`` into the user cache on first use (``log`` hears it).
+    Meta-trained backbones (e.g. ``mcunet-5fps-meta``, from ``microtrain.metatrain``) are to be
+    resolved here too, by name, before the unknown-name error."""
+    from .checkpoint import SHARED_CHECKPOINTS, ensure_converted
+
+    if name in SHARED_CHECKPOINTS:
+        return ensure_converted(name, log=log)
+    raise UsageError(f"unknown backbone {name!r}; known: {', '.join(SHARED_CHECKPOINTS)}")
+
+
+def resolve_model(spec: str, log=None):
+    """A ``model.Network`` from ``spec``: a backbone name (``backbone_file``), a weight file
+    (.npz), or a classifier file (its adapted network, to adapt further)."""
+    from . import model
+    from .classifier import Classifier
+
     path = Path(spec)
     if path.suffix == ".npz":
         if not path.is_file():
             raise UsageError(f"weight file {spec} not found")
-        return model.load(path)
-    return model.load(backbone_file(spec))
+        with np.load(path, allow_pickle=False) as npz:
+            is_classifier = "__classifier__" in npz.files
+        return Classifier.load(path).net if is_classifier else model.load(path)
+    return model.load(backbone_file(spec, log))
+
+
+_resolve_model = resolve_model  # the name tools/evaluate.py imports
 
 
 def _load_episode(args, resolution: int):
-    if args.support or args.query:
-        if not (args.support and args.query):
-            raise UsageError("--support and --query go together")
+    from .data import EpisodeImages, from_folders, open_dataset, sample_episode, sample_metadataset_episode
+    from .paths import shared_file
+
+    if args.support:
         episode, source = from_folders(args.support, args.query), f"{args.support} | {args.query}"
     else:
         source = args.data or str(shared_file("data", DEFAULT_DATA))
@@ -132,107 +299,203 @@ def _load_episode(args, resolution: int):
     return episode, EpisodeImages(episode, resolution), source
 
 
-def _progress(quiet: bool):
-    """A progress bar on a terminal; on a pipe, one line per 10% so logs stay readable."""
-    if quiet:
-        return None
-    width, tty = 30, sys.stderr.isatty()
-    shown = {"last": -1}
+class Progress:
+    """Training progress: the mean loss over the last pass, elapsed time and ETA.
 
-    def show(step, total, loss):
-        tick = (100 * step) // total if tty else (10 * step) // total
-        if tick == shown["last"] and step != total:
+    On a terminal (``tty``) one line redrawn in place on stderr; otherwise a plain line every
+    10% through ``say``, which writes (and flushes) in order with every other line of the run."""
+
+    width = 30
+
+    def __init__(self, epochs: int, say, tty: bool):
+        self.epochs, self.say, self.tty = max(1, epochs), say, tty
+        self.start = None
+        self.window: list[float] = []
+        self.last_tick = -1
+
+    def __call__(self, step: int, total: int, loss: float) -> None:
+        if self.start is None:
+            self.start = time.perf_counter()
+        per_pass = max(1, total // self.epochs)
+        self.window.append(float(loss))
+        del self.window[:-per_pass]
+        tick = (100 * step) // total if self.tty else (10 * step) // total
+        if tick == self.last_tick and step != total:
             return
-        shown["last"] = tick
-        done = width * step // total
-        line = f"  training [{'#' * done}{'.' * (width - done)}] {step}/{total}  loss {loss:.4f}"
-        print(("\r" + line) if tty else line, end="\n" if (step == total or not tty) else "",
-              file=sys.stderr, flush=True)
-    return show
+        self.last_tick = tick
+        elapsed = time.perf_counter() - self.start
+        # the clock starts at the first step's end, so the rate is known from the second on
+        eta = f"{elapsed / (step - 1) * (total - step):.1f} s" if step > 1 else "?"
+        done = self.width * step // total
+        line = (f"  training [{'#' * done}{'.' * (self.width - done)}] {step}/{total}  "
+                f"loss {np.mean(self.window):.4f} (mean, last {len(self.window)} steps)  "
+                f"{elapsed:.1f} s, ETA {eta}")
+        if self.tty:
+            print("\r" + line, end="\n" if step == total else "", file=sys.stderr, flush=True)
+        else:
+            self.say(line)
 
 
-def _write_atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process in bytes, or None where it cannot be read.
+    ``ru_maxrss`` is KiB on Linux and bytes on macOS; Windows has no ``resource`` module and
+    reports the peak working set through the Win32 API."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        import resource
+    except ImportError:
+        resource = None
+    if resource is not None:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+    if sys.platform == "win32":
+        import ctypes
+        from ctypes import wintypes
+
+        class Counters(ctypes.Structure):
+            _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
+                (n, ctypes.c_size_t) for n in ("PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage",
+                                               "QuotaPagedPoolUsage", "QuotaPeakNonPagedPoolUsage",
+                                               "QuotaNonPagedPoolUsage", "PagefileUsage", "PeakPagefileUsage")]
+        counters = Counters()
+        counters.cb = ctypes.sizeof(Counters)
+        process = ctypes.windll.kernel32.GetCurrentProcess()
+        if ctypes.windll.psapi.GetProcessMemoryInfo(process, ctypes.byref(counters), counters.cb):
+            return int(counters.PeakWorkingSetSize)
+    return None
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def missing_optional(exc: ImportError) -> bool:
+    """An optional dependency the input needs is not installed (Pillow for PNG/JPEG): a usage
+    problem to state in one line, unlike a broken install."""
+    from .data import PILLOW_HINT
+
+    return PILLOW_HINT in str(exc)
 
 
-def run(args) -> dict:
+def one_line_warnings(caught) -> list[str]:
+    """Python warnings recorded during a run, each once, as one line (category and message)."""
+    lines = []
+    for w in caught:
+        line = f"{w.category.__name__}: {' '.join(str(w.message).split())}"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+def run(args, say=print, warn=None) -> dict:
+    """One adaptation as the command line asked (arguments already ``validate``d)."""
+    from . import __version__
+    from .classifier import Classifier
+    from .methods import Budgets
+    from .pipeline import adapt_episode, json_ready
+    from .train import FinetuneConfig
+
+    warn = warn or say
     t0 = time.perf_counter()
-    net = _resolve_model(args.model)
+    net = resolve_model(args.model, log=say)
     episode, images, source = _load_episode(args, net.resolution)
     t_load = time.perf_counter() - t0
     budgets = Budgets(parse_bytes(args.mem_budget), parse_macs(args.mac_budget, net.forward_macs))
     cfg = FinetuneConfig(epochs=args.epochs, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                          scale=args.scale, batch=args.batch, seed=args.train_seed)
-    if cfg.batch < 1 or cfg.epochs < 0 or (cfg.lr is not None and cfg.lr <= 0):
-        raise UsageError("--batch must be >= 1, --epochs >= 0 and --lr > 0")
 
-    print(f"model {net.name}: {len(net.layers)} conv layers, {net.forward_macs / 1e6:.2f}M forward MACs")
-    print(f"episode: {len(episode.classes)}-way, {len(images.support)} support / {len(images.query)} query "
-          f"images from {source}")
+    say(f"model {net.name}: {len(net.layers)} conv layers, {net.forward_macs / 1e6:.2f}M forward MACs")
+    say(f"episode: {len(episode.classes)}-way, {len(images.support)} support / {len(images.query)} query "
+        f"images from {source}")
+    progress = None if args.quiet else Progress(cfg.epochs, say, tty=sys.stderr.isatty())
     report = adapt_episode(net, images.support, episode.support_labels, images.query, episode.query_labels,
-                           args.method, budgets, cfg, log=print, progress=_progress(args.quiet),
-                           load_seconds=t_load)
+                           args.method, budgets, cfg, log=say, warn=warn, progress=progress, load_seconds=t_load,
+                           keep_best=args.keep_best, plan_buffers=args.plan)
     report.update({"model": net.name, "data": source,
                    "episode": {"classes": list(episode.classes), "support": len(images.support),
-                               "query": len(images.query), "seed": args.seed,
+                               "query": len(images.query), "seed": None if args.support else args.seed,
                                "sampler": "folders" if args.support else args.sampler}})
     mem = report["memory"]
+    plan_table = report.pop("plan_table", None)
     if mem is not None:
-        print(f"memory plan (batch {cfg.batch}):")
-        print("  " + report.pop("plan_table").replace("\n", "\n  "))
-        print(f"backward memory: planned {mem['backward_planned_bytes'] / 1024:.1f} KiB "
-              f"(budget {budgets.memory / 1024:.0f} KiB); arena planned {mem['arena_planned_bytes'] / 1024:.1f} KiB, "
-              f"allocated {mem['arena_allocated_bytes'] / 1024:.1f} KiB; outside the arena during a step: "
-              f"{mem['outside_arena_step_bytes']} bytes")
-        print(f"backward MACs: {report['backward_macs'] / 1e6:.2f}M (budget {budgets.macs / 1e6:.2f}M, "
-              f"forward {net.forward_macs / 1e6:.2f}M)")
+        say(f"memory plan (batch {cfg.batch}):")
+        say("  " + plan_table.replace("\n", "\n  "))
+        say(f"backward memory: planned {mem['backward_planned_bytes'] / 1024:.1f} KiB "
+            + (f"(budget {budgets.memory / 1024:.0f} KiB)" if args.method.startswith(BUDGETED) else "(fixed policy)")
+            + f"; arena planned {mem['arena_planned_bytes'] / 1024:.1f} KiB, allocated "
+            f"{mem['arena_allocated_bytes'] / 1024:.1f} KiB; outside the arena during a step: "
+            f"{mem['outside_arena_step_bytes']} bytes")
+        say(f"backward MACs: {report['backward_macs'] / 1e6:.2f}M "
+            + (f"(budget {budgets.macs / 1e6:.2f}M, " if args.method.startswith(BUDGETED) else "(")
+            + f"forward {net.forward_macs / 1e6:.2f}M)")
     acc_before, acc_after = report["accuracy_before"], report["accuracy_after"]
-    print(f"query accuracy after:  {100 * acc_after:.2f}%  ({100 * (acc_after - acc_before):+.2f})")
+    say(f"query accuracy after:  {100 * acc_after:.2f}%  ({100 * (acc_after - acc_before):+.2f})")
     t = report["time_seconds"]
-    print(f"time: load {t['load']:.2f} s, Fisher + selection {t['selection']:.2f} s "
-          f"({100 * report['selection_share']:.1f}% of load + selection + training), training {t['training']:.2f} s; "
-          f"whole run {time.perf_counter() - t0:.2f} s")
-    report["peak_rss_mb"] = peak_rss_mb()
-    print(f"peak RSS: {report['peak_rss_mb']:.1f} MB")
+    say(f"time: load {t['load']:.2f} s, Fisher + selection {t['selection']:.2f} s "
+        f"({100 * report['selection_share']:.1f}% of load + selection + training), training {t['training']:.2f} s; "
+        f"whole run {time.perf_counter() - t0:.2f} s")
+    report["peak_rss_bytes"] = peak_rss_bytes()
+    say("peak RSS: " + ("not measurable on this platform" if report["peak_rss_bytes"] is None
+                        else f"{report['peak_rss_bytes'] / 2 ** 20:.1f} MB"))
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(out / "adapted.npz", net.arch, net.state())  # itself written to a temporary, then renamed
-    _write_atomic(out / "report.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2, default=_json)))
-    print(f"wrote {out / 'adapted.npz'} and {out / 'report.json'}")
+    provenance = {"base_model": args.model, "network": net.name, "base_source": net.arch.get("source"),
+                  "method": args.method, "selection": report["selection"], "budgets": report["budgets"],
+                  "finetune": report["finetune"], "keep_best": report["keep_best"], "data": source,
+                  "episode": report["episode"], "accuracy_before": acc_before, "accuracy_after": acc_after,
+                  "microtrain": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    classifier = Classifier.from_support(net, images.support, episode.support_labels, episode.classes, cfg.scale,
+                                         json_ready(provenance))
+    classifier.save(out / CLASSIFIER_FILE)
+    report["classifier"] = str(out / CLASSIFIER_FILE)
+    report = json_ready(report)
+    text = json.dumps(report, indent=2, allow_nan=False)
+    write_atomic(out / REPORT_FILE, lambda tmp: Path(tmp).write_text(text + "\n"))
+    say(f"wrote {out / CLASSIFIER_FILE} (classify new images: python -m microtrain.predict "
+        f"{out / CLASSIFIER_FILE} IMAGES...) and {out / REPORT_FILE}")
     return report
 
 
-def _json(obj):
-    if isinstance(obj, (np.integer, np.floating)):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(type(obj).__name__)
-
-
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    quiet, as_json = "--quiet" in argv, "--json" in argv
+    stream = sys.stderr if as_json else sys.stdout
+
+    def say(line: str) -> None:
+        if not quiet:
+            print(line, file=stream, flush=True)
+
+    def warn(line: str) -> None:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+
+    with notice_if_slow(KERNELS_NOTICE, say):
+        from .methods import METHODS  # imports the engine: its Numba kernels compile or load here
+    args = build_parser(METHODS).parse_args(argv)
+    from .autograd import GraphError
+    from .checkpoint import CheckpointError
+    from .classifier import ClassifierError
+    from .data import DataError
+    from .paths import MissingSharedError
+    from .tinytrain import BudgetError
+    from .train import TrainingDiverged
+
     try:
-        run(args)
-    except (UsageError, DataError, CheckpointError, MissingSharedError, BudgetError, TrainingDiverged) as exc:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            for line in validate(args, args.method.startswith(BUDGETED)):
+                warn(line)
+            report = run(args, say, warn)
+    except (UsageError, DataError, CheckpointError, ClassifierError, MissingSharedError, BudgetError,
+            TrainingDiverged, GraphError) as exc:
+        print(f"error: {exc}", file=sys.stderr)  # the one line; warnings on the way there are not shown
+        return 2
+    except ImportError as exc:
+        if not missing_optional(exc):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: no output written", file=sys.stderr)
         return 130
+    for line in one_line_warnings(caught):
+        warn(line)
+    if as_json:
+        print(json.dumps(report, indent=2, allow_nan=False), flush=True)
     return 0
 
 
