@@ -313,9 +313,9 @@ class Progress:
         self.window: list[float] = []
         self.last_tick = -1
 
-    def __call__(self, step: int, total: int, loss: float) -> None:
-        if self.start is None:
-            self.start = time.perf_counter()
+    def __call__(self, step: int, total: int, loss: float, phase: str = "training") -> None:
+        if step == 1 or self.start is None:  # a new fine-tuning (keep-best's check, then the training)
+            self.start, self.window, self.last_tick = time.perf_counter(), [], -1
         per_pass = max(1, total // self.epochs)
         self.window.append(float(loss))
         del self.window[:-per_pass]
@@ -327,7 +327,7 @@ class Progress:
         # the clock starts at the first step's end, so the rate is known from the second on
         eta = f"{elapsed / (step - 1) * (total - step):.1f} s" if step > 1 else "?"
         done = self.width * step // total
-        line = (f"  training [{'#' * done}{'.' * (self.width - done)}] {step}/{total}  "
+        line = (f"  {phase} [{'#' * done}{'.' * (self.width - done)}] {step}/{total}  "
                 f"loss {np.mean(self.window):.4f} (mean, last {len(self.window)} steps)  "
                 f"{elapsed:.1f} s, ETA {eta}")
         if self.tty:

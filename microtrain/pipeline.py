@@ -3,29 +3,34 @@
 Shared by ``python -m microtrain.adapt`` (one task, printed) and ``tools/evaluate.py`` (many
 episodes, recorded), so both measure the same thing.
 
-**Keep-best** (``keep_best=True``, what ``adapt`` does unless ``--no-keep-best``): a check that
-the adaptation did not make the network worse, using the support set only. Part of each class's
-support images (``holdout_split``: a fifth, at least one, from classes with two or more) is held
-out; the method plans and fine-tunes on the rest; the held-out images are then classified
-against prototypes of the rest, with the pre-adaptation and with the adapted weights. When the
-adapted weights are worse there (or training diverged), the pre-adaptation weights are kept and
-a line says so. The final prototypes use every support image. This is the validation of Hu et
-al. 2022 (P>M>F, the fine-tuning procedure the paper adopts, Appendix C), which holds out
-support images to decide whether fine-tuning helps a task (their learning rate 0 = no
-fine-tuning), reduced to one decision: keep the adapted weights, or the ones before.
+**Keep-best** (``keep_best=True``, what ``adapt`` does unless ``--no-keep-best``) checks, on the
+support set only, that the adaptation does not make the network worse, as Hu et al. 2022 (P>M>F,
+the fine-tuning procedure the paper adopts, Appendix C) check theirs: part of each class's
+support images is held out (``holdout_split``: a fifth, at least one, from classes with two or
+more), the method plans and fine-tunes on the rest, and the held-out images are classified
+against the prototypes of the rest with the weights before and after. Worse after (or a loss
+that turned non-finite): the pre-adaptation weights are kept and a line says so. Otherwise the
+check's weights are discarded and the method adapts again on every support image (Hu et al.
+likewise choose on a held-out split, then fine-tune on the whole support set), which is exactly
+the run without keep-best. The check costs one more fine-tuning on four fifths of the images;
+``tools/keep_best.py`` measured that keeping the check's own weights instead (trained on four
+fifths) loses accuracy (README, "Keep-best").
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Callable
 
 import numpy as np
 
 from .autograd import Program
 from .lite_residual import LiteResidualHook
-from .methods import Budgets, plan_method
+from .method_plan import Budgets, MethodPlan
+from .methods import plan_method
 from .model import Network
+from .selection import Selection
 from .tinytrain import backward_macs
 from .train import FinetuneConfig, TrainingDiverged, class_prototypes, embed, finetune, prototype_accuracy
 
@@ -73,55 +78,56 @@ def adapt_episode(net: Network, support: np.ndarray, support_labels: np.ndarray,
     """Adapt ``net`` in place to a support set (uint8 (N, 3, R, R), int64 labels) and score it on
     the query set (the same layout).
 
-    ``keep_best``: validate on held-out support images and keep the pre-adaptation weights when
-    the adapted ones are worse (module docstring); ``warn(line)`` hears that decision (default:
-    ``log``). ``plan_buffers``: put every buffer in ``plan_table``. Returns a JSON-ready record
-    (non-finite numbers as None): accuracies, the selection, planned and allocated memory,
-    backward MACs, the time split (load, selection, training, seconds) and the keep-best decision.
-    Raises ``train.TrainingDiverged`` when the loss turns non-finite without ``keep_best``."""
+    ``keep_best``: check the adaptation on held-out support images first and keep the
+    pre-adaptation weights when it makes them worse (module docstring); ``warn(line)`` hears
+    that decision (default: ``log``). ``progress(step, total, loss, phase)`` follows each
+    fine-tuning ("keep-best check", then "training"). ``plan_buffers``: put every buffer in
+    ``plan_table``. Returns a JSON-ready record (non-finite numbers as None): accuracies, the
+    selection, planned and allocated memory, backward MACs, the time split (load, selection,
+    training, keep-best check; seconds) and the keep-best decision. Raises
+    ``train.TrainingDiverged`` when the loss turns non-finite without ``keep_best``."""
     warn = warn or log
-    ways = int(support_labels.max()) + 1
     support_embeddings = embed(net, support)
     acc_before = prototype_accuracy(net, support, support_labels, query, query_labels,
                                     support_embeddings=support_embeddings)
     log(f"query accuracy before: {100 * acc_before:.2f}%")
-    train_idx, held_idx = np.arange(len(support)), np.zeros(0, np.int64)
-    if keep_best:
-        train_idx, held_idx = holdout_split(support_labels, cfg.seed)
-        if not len(held_idx):
-            warn("keep-best: every class has a single support image, none can be held out: the adapted "
-                 "weights are kept unchecked")
-            keep_best = False
-    train_images, train_labels = support[train_idx], support_labels[train_idx]
-    plan = plan_method(method, net, train_images, train_labels, budgets, cfg.scale, cfg.momentum > 0,
-                       seed=cfg.seed, embeddings=support_embeddings[train_idx])
     record = {"method": method, "budgets": {"memory_bytes": budgets.memory, "macs": budgets.macs},
               "forward_macs": net.forward_macs, "accuracy_before": acc_before, "finetune": vars(cfg).copy(),
-              "selection": [{"layer": n, "channels": k, "out_channels": c, "score": s}
-                            for n, k, c, s in plan.choices],
-              "memory": None, "backward_macs": 0, "losses": None, "keep_best": None}
-    if plan.choices:
-        log(f"selection ({method}, {plan.seconds:.2f} s):")
-        log(f"  {'layer':<24} {'channels':>11} {'score':>12}")
-        for name, kept, total, score in plan.choices:
-            log(f"  {name:<24} {kept:>4} / {total:<4} {score:>12.4g}")
-    train_seconds = 0.0
-    cfg = dataclasses.replace(cfg, lr=plan.lr if cfg.lr is None else cfg.lr,
-                              momentum=cfg.momentum if plan.momentum is None else plan.momentum)
+              "selection": [], "memory": None, "backward_macs": 0, "losses": None, "keep_best": None}
+    check_seconds = 0.0
+    if keep_best:
+        start = time.perf_counter()
+        record["keep_best"] = _check(net, support, support_labels, query, query_labels, support_embeddings, method,
+                                     budgets, cfg, progress, log, warn)
+        check_seconds = time.perf_counter() - start
+    if record["keep_best"] is not None and record["keep_best"]["kept"] == "pre-adaptation":
+        plan = MethodPlan(method, Selection())  # nothing is trained: the network stays as it was
+    else:
+        plan = plan_method(method, net, support, support_labels, budgets, cfg.scale, cfg.momentum > 0,
+                           seed=cfg.seed, embeddings=support_embeddings)
+        record["selection"] = [{"layer": n, "channels": k, "out_channels": c, "score": sc}
+                               for n, k, c, sc in plan.choices]
+        _log_selection(plan, log)
+    cfg = _method_config(plan, cfg) if plan.trains else cfg
     record["finetune"] = vars(cfg).copy()
+    train_seconds = 0.0
     if plan.trains:
-        before = {name: (w.copy(), b.copy()) for name, (w, b) in net.params.items() if name in plan.selection.layers}
-        diverged = None
+        phase = None if progress is None else (lambda *a: progress(*a, phase="training"))
         try:
-            result = finetune(net, plan.selection, train_images, train_labels, cfg, progress, plan.block_hook)
-        except TrainingDiverged as exc:
-            if not keep_best:
+            result = finetune(net, plan.selection, support, support_labels, cfg, phase, plan.block_hook)
+        except TrainingDiverged as exc:  # finetune restored the original weights
+            if record["keep_best"] is None:
                 raise
-            diverged, result = exc, None  # finetune restored the original weights
+            record["keep_best"].update(kept="pre-adaptation", diverged_at_step=exc.step)
+            warn(f"keep-best: training on every support image diverged at step {exc.step} although the check "
+                 "did not: keeping the pre-adaptation weights")
+            result = None
         if result is not None:
+            if isinstance(plan.block_hook, LiteResidualHook):
+                net.attach_lite_residual(plan.block_hook)  # the adapted network: backbone + trained branches
             train_seconds = result.seconds
             mem = result.plan
-            graph = net.protonet_graph(cfg.batch, ways, cfg.scale, plan.block_hook)
+            graph = net.protonet_graph(cfg.batch, int(support_labels.max()) + 1, cfg.scale, plan.block_hook)
             record["backward_macs"] = backward_macs(Program(graph, plan.selection, cfg.momentum > 0))
             record["memory"] = {"backward_planned_bytes": mem.backward_bytes,
                                 "arena_planned_bytes": mem.arena_bytes,
@@ -131,57 +137,81 @@ def adapt_episode(net: Network, support: np.ndarray, support_labels: np.ndarray,
                                 "no_reuse_bytes": mem.naive_bytes}
             record["losses"] = {"first": result.losses[0], "last": result.losses[-1], "steps": result.steps}
             record["plan_table"] = mem.table(verbose=plan_buffers)
-        kept = True
-        if keep_best:
-            record["keep_best"] = _keep_best(net, plan.block_hook, support, support_labels, train_idx, held_idx,
-                                             support_embeddings, ways, cfg.scale, before, diverged, query,
-                                             query_labels, log, warn)
-            kept = record["keep_best"]["kept"] == "adapted"
-        if kept and isinstance(plan.block_hook, LiteResidualHook):
-            net.attach_lite_residual(plan.block_hook)  # the adapted network: backbone + trained branches
     acc_after = (prototype_accuracy(net, support, support_labels, query, query_labels)
-                 if plan.trains else acc_before)
-    end_to_end = load_seconds + plan.seconds + train_seconds
+                 if record["losses"] is not None else acc_before)
+    end_to_end = load_seconds + plan.seconds + train_seconds + check_seconds
     record.update({"accuracy_after": acc_after,
                    "time_seconds": {"load": load_seconds, "selection": plan.seconds, "training": train_seconds,
-                                    "end_to_end": end_to_end},
+                                    "keep_best_check": check_seconds, "end_to_end": end_to_end},
                    "selection_share": plan.seconds / end_to_end if end_to_end else 0.0})
     return json_ready(record)
 
 
-def _keep_best(net: Network, hook, support, support_labels, train_idx, held_idx, support_embeddings, ways, scale,
-               before, diverged, query, query_labels, log, warn) -> dict:
-    """Compare held-out support accuracy before and after adaptation (``hook``: TinyTL's branches,
-    or None); restore ``before`` (layer name -> (weight, bias) copies) when the adapted network is
-    worse. Returns the decision for the report."""
+def _method_config(plan: MethodPlan, cfg: FinetuneConfig) -> FinetuneConfig:
+    """The fine-tuning settings with the method's own learning rate (when the user gave none)
+    and momentum (SparseUpdate: plain SGD)."""
+    return dataclasses.replace(cfg, lr=plan.lr if cfg.lr is None else cfg.lr,
+                               momentum=cfg.momentum if plan.momentum is None else plan.momentum)
+
+
+def _log_selection(plan: MethodPlan, log) -> None:
+    if plan.choices:
+        log(f"selection ({plan.method}, {plan.seconds:.2f} s):")
+        log(f"  {'layer':<24} {'channels':>11} {'score':>12}")
+        for name, kept, total, score in plan.choices:
+            log(f"  {name:<24} {kept:>4} / {total:<4} {score:>12.4g}")
+
+
+def _check(net: Network, support, support_labels, query, query_labels, support_embeddings, method, budgets,
+           cfg, progress, log, warn) -> dict | None:
+    """Keep-best's check: plan and fine-tune on all but the held-out support images, compare the
+    held-out accuracy before and after, then put the network back as it was. Returns the
+    decision for the report (None when nothing can be held out)."""
+    train_idx, held_idx = holdout_split(support_labels, cfg.seed)
+    if not len(held_idx):
+        warn("keep-best: every class has a single support image, none can be held out: the adaptation "
+             "is kept unchecked")
+        return None
+    ways = int(support_labels.max()) + 1
+    train, train_labels = support[train_idx], support_labels[train_idx]
     held_labels = support_labels[held_idx]
-    acc_before, loss_before = held_out_scores(support_embeddings[train_idx], support_labels[train_idx],
-                                              support_embeddings[held_idx], held_labels, ways, scale)
-    acc_after = loss_after = None
-    if diverged is None:
-        adapted = embed(net, support, block_hook=hook)
-        acc_after, loss_after = held_out_scores(adapted[train_idx], support_labels[train_idx], adapted[held_idx],
-                                                held_labels, ways, scale)
+    plan = plan_method(method, net, train, train_labels, budgets, cfg.scale, cfg.momentum > 0, seed=cfg.seed,
+                       embeddings=support_embeddings[train_idx])
     decision = {"held_out": int(len(held_idx)), "trained_on": int(len(train_idx)),
-                "accuracy_before": acc_before, "accuracy_after": acc_after,
-                "loss_before": loss_before, "loss_after": loss_after,
-                "diverged_at_step": None if diverged is None else diverged.step,
-                "kept": "adapted", "query_accuracy_adapted": None}
-    what = f"held-out support accuracy {100 * acc_before:.1f}% before adaptation"
-    if diverged is None and acc_after >= acc_before:
-        log(f"keep-best: {what}, {100 * acc_after:.1f}% after ({len(held_idx)} of {len(support_labels)} support "
-            "images held out from training): keeping the adapted weights")
+                "accuracy_before": None, "accuracy_after": None, "loss_before": None, "loss_after": None,
+                "diverged_at_step": None, "kept": "adapted",
+                # the query accuracy of the check's weights (trained on the non-held-out images), with
+                # prototypes of every support image: what keeping them instead of adapting again gives
+                "query_accuracy_checked": None}
+    if not plan.trains:
         return decision
-    if diverged is None:  # what the query set would have said, for the report
-        decision["query_accuracy_adapted"] = prototype_accuracy(net, support, support_labels, query, query_labels,
-                                                                hook)
-    for name, (w, b) in before.items():
+    log(f"keep-best check: {method} on {len(train_idx)} of {len(support_labels)} support images, "
+        f"{len(held_idx)} held out")
+    acc, loss = held_out_scores(support_embeddings[train_idx], train_labels, support_embeddings[held_idx],
+                                held_labels, ways, cfg.scale)
+    decision.update(accuracy_before=acc, loss_before=loss)
+    before = {name: (w.copy(), b.copy()) for name, (w, b) in net.params.items() if name in plan.selection.layers}
+    phase = None if progress is None else (lambda *a: progress(*a, phase="keep-best check"))
+    try:
+        finetune(net, plan.selection, train, train_labels, _method_config(plan, cfg), phase, plan.block_hook)
+        adapted = embed(net, support, block_hook=plan.block_hook)
+        acc, loss = held_out_scores(adapted[train_idx], train_labels, adapted[held_idx], held_labels, ways, cfg.scale)
+        decision.update(accuracy_after=acc, loss_after=loss,
+                        query_accuracy_checked=prototype_accuracy(net, support, support_labels, query, query_labels,
+                                                                  plan.block_hook))
+    except TrainingDiverged as exc:  # finetune restored the original weights
+        decision["diverged_at_step"] = exc.step
+    for name, (w, b) in before.items():  # the check's weights are never kept
         net.params[name][0][...] = w
         net.params[name][1][...] = b
+    what = f"held-out support accuracy {100 * decision['accuracy_before']:.1f}% before adaptation"
+    if decision["diverged_at_step"] is None and decision["accuracy_after"] >= decision["accuracy_before"]:
+        log(f"keep-best: {what}, {100 * decision['accuracy_after']:.1f}% after: adapting on every support image")
+        return decision
     decision["kept"] = "pre-adaptation"
-    why = (f"training diverged at step {diverged.step}" if diverged is not None
-           else f"{what}, {100 * acc_after:.1f}% after")
-    warn(f"keep-best: {why}: keeping the pre-adaptation weights (--no-keep-best keeps the adapted ones)")
+    why = (f"training diverged at step {decision['diverged_at_step']}" if decision["diverged_at_step"] is not None
+           else f"{what}, {100 * decision['accuracy_after']:.1f}% after")
+    warn(f"keep-best: {why}: keeping the pre-adaptation weights (--no-keep-best adapts anyway)")
     return decision
 
 

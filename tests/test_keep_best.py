@@ -73,13 +73,16 @@ def _scramble(net, selection, *args, **kwargs):
 def test_worse_adapted_weights_are_replaced_by_the_ones_before(monkeypatch):
     net = small_net()
     before = {k: v.copy() for k, v in net.state().items()}
-    record, lines, warnings = _run(net, _scramble, monkeypatch, method="fulltrain")
+    calls = []
+    record, lines, warnings = _run(net, lambda *a, **k: calls.append(len(a[3])) or _scramble(*a, **k),
+                                   monkeypatch, method="fulltrain")
     kb = record["keep_best"]
+    assert calls == [12]  # the check only, on the 12 images not held out; no second fine-tuning
     assert kb["kept"] == "pre-adaptation" and kb["accuracy_after"] < kb["accuracy_before"]
     assert kb["held_out"] == 3 and kb["trained_on"] == 12
     assert all(np.array_equal(net.state()[k], v) for k, v in before.items())
-    assert record["accuracy_after"] == record["accuracy_before"]
-    assert kb["query_accuracy_adapted"] is not None and kb["query_accuracy_adapted"] < record["accuracy_before"]
+    assert record["accuracy_after"] == record["accuracy_before"] and record["selection"] == []
+    assert kb["query_accuracy_checked"] < record["accuracy_before"]
     assert len(warnings) == 1 and "keeping the pre-adaptation weights" in warnings[0]
 
 
@@ -91,7 +94,7 @@ def test_without_keep_best_the_adapted_weights_stay_whatever_they_are(monkeypatc
     assert not all(np.array_equal(net.state()[k], v) for k, v in before.items())
 
 
-def test_diverged_training_keeps_the_weights_before(monkeypatch):
+def test_diverged_check_keeps_the_weights_before(monkeypatch):
     from microtrain.train import TrainingDiverged
 
     def diverge(*args, **kwargs):
@@ -101,25 +104,30 @@ def test_diverged_training_keeps_the_weights_before(monkeypatch):
     record, _, warnings = _run(net, diverge, monkeypatch)
     assert record["keep_best"]["kept"] == "pre-adaptation" and record["keep_best"]["diverged_at_step"] == 7
     assert warnings == ["keep-best: training diverged at step 7: keeping the pre-adaptation weights "
-                        "(--no-keep-best keeps the adapted ones)"]
+                        "(--no-keep-best adapts anyway)"]
     assert all(np.array_equal(net.state()[k], v) for k, v in before.items())
     with pytest.raises(TrainingDiverged):
         _run(small_net(), diverge, monkeypatch, keep_best=False)
 
 
-def test_an_adaptation_no_worse_is_kept_and_trained_on_the_rest(monkeypatch):
-    from microtrain.memory import Plan
-    from microtrain.train import FinetuneResult
+def test_a_passed_check_adapts_again_on_every_image_as_without_keep_best(monkeypatch):
+    """The check trains on the images not held out, its weights are put back, and the final
+    adaptation on every support image is the run without keep-best, number for number."""
+    from microtrain.pipeline import finetune as real
 
-    seen = {}
+    calls = []
 
-    def unchanged(net, selection, support, labels, cfg, progress, hook):
-        seen["labels"] = labels.copy()
-        return FinetuneResult(1, [1.0], 0, Plan([], ["step"]), 0.0)
-    record, lines, warnings = _run(small_net(), unchanged, monkeypatch)
-    assert record["keep_best"]["kept"] == "adapted" and warnings == []  # as good as before: kept
-    assert np.bincount(seen["labels"]).tolist() == [4, 4, 4]  # one of each class's five held out
+    def counted(net, selection, support, labels, *args):
+        calls.append(np.bincount(labels).tolist())
+        return real(net, selection, support, labels, *args)
+    with_check, lines, warnings = _run(small_net(), counted, monkeypatch)
+    assert calls == [[4, 4, 4], [5, 5, 5]] and warnings == []
+    assert with_check["keep_best"]["kept"] == "adapted"
     assert any(line.startswith("keep-best: held-out support accuracy") for line in lines)
+    net = small_net()
+    plain, _, _ = _run(net, real, monkeypatch, keep_best=False)
+    assert with_check["accuracy_after"] == plain["accuracy_after"] and with_check["selection"] == plain["selection"]
+    assert with_check["losses"] == plain["losses"]
 
 
 def test_one_shot_tasks_cannot_be_checked_and_say_so(monkeypatch):
