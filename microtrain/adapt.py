@@ -364,12 +364,29 @@ def peak_rss_bytes() -> int | None:
     return None
 
 
-def missing_optional(exc: ImportError) -> bool:
-    """An optional dependency the input needs is not installed (Pillow for PNG/JPEG): a usage
-    problem to state in one line, unlike a broken install."""
+def exit_status(work, errors: tuple, interrupted: str = "interrupted") -> int:
+    """Run ``work()`` for a command line: 0 when it returns; 2 with one line on stderr for one of
+    the ``errors`` (bad input) or a missing optional dependency (Pillow for PNG/JPEG, unlike a
+    broken install, which keeps its traceback); 130 on Ctrl-C; 0 when the reader of a pipe
+    (e.g. ``head``) went away."""
     from .data import PILLOW_HINT
 
-    return PILLOW_HINT in str(exc)
+    try:
+        work()
+    except errors as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:
+        if PILLOW_HINT not in str(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        sys.stderr.close()
+    return 0
 
 
 def one_line_warnings(caught) -> list[str]:
@@ -474,24 +491,20 @@ def main(argv=None) -> int:
     from .tinytrain import BudgetError
     from .train import TrainingDiverged
 
-    try:
+    done = {}
+
+    def work():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
             for line in validate(args, args.method.startswith(BUDGETED)):
                 warn(line)
-            report = run(args, say, warn)
-    except (UsageError, DataError, CheckpointError, ClassifierError, MissingSharedError, BudgetError,
-            TrainingDiverged, GraphError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # the one line; warnings on the way there are not shown
-        return 2
-    except ImportError as exc:
-        if not missing_optional(exc):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
+            done["report"] = run(args, say, warn)
+        done["warnings"] = caught  # shown only when the run succeeds: an error stays one line
+    status = exit_status(work, (UsageError, DataError, CheckpointError, ClassifierError, MissingSharedError,
+                                BudgetError, TrainingDiverged, GraphError), "interrupted: no output written")
+    if status or "report" not in done:  # an error, or the pipe's reader went away
+        return status
+    caught, report = done["warnings"], done["report"]
     for line in one_line_warnings(caught):
         warn(line)
     if as_json:

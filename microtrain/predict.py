@@ -251,7 +251,7 @@ def run(args, out=None, err=None) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .adapt import KERNELS_NOTICE, missing_optional, notice_if_slow
+    from .adapt import KERNELS_NOTICE, exit_status, notice_if_slow
 
     quiet_notice = args.json or args.csv or args.quiet
     with notice_if_slow(KERNELS_NOTICE, lambda line: None if quiet_notice else print(line, file=sys.stderr)):
@@ -259,23 +259,7 @@ def main(argv=None) -> int:
     from .classifier import ClassifierError
     from .data import DataError
 
-    try:
-        run(args)
-    except (UsageError, ClassifierError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ImportError as exc:
-        if not missing_optional(exc):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. piped into head: the reader has what it wanted
-        sys.stderr.close()
-        return 0
-    return 0
+    return exit_status(lambda: run(args), (UsageError, ClassifierError, DataError))
 
 
 if __name__ == "__main__":
