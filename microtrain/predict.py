@@ -1,9 +1,10 @@
 """``python -m microtrain.predict CLASSIFIER IMAGES...``: recognise new images with an adapted classifier.
 
-IMAGES are image files, folders (searched recursively, links to folders not followed) and zips
-of them. Each image is prepared as in adaptation (``microtrain.data``: decoded, RGB, resized),
-embedded by the adapted network in batches through its planned forward-only executor (one arena,
-no training memory) and given the class of the most similar prototype. One line per image:
+IMAGES are image files, folders (searched recursively; folder links followed, each real folder
+once) and zips of them, listed and read as adaptation's datasets are. Each image is prepared as
+in adaptation (``microtrain.data``: decoded, upright, RGB, resized), embedded by the adapted
+network in batches through its planned forward-only executor (one arena, no training memory)
+and given the class of the most similar prototype. One line per image:
 path, predicted class, cosine score (``--top-k``: the K best classes); ``--json`` or ``--csv``
 for machines.
 
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 import time
 import zipfile
@@ -26,8 +26,13 @@ from typing import Callable
 
 import numpy as np
 
+from .adapt import exit_status
+from .classifier import EMBED_BATCH, Classifier, ClassifierError, load_image
+from .data import (_ZIP_READ_ERRORS, DataError, _hidden, _is_image_name, _list_tree, _member_name, _read_capped,
+                   _read_file, _skipped_note)
+from .pipeline import json_ready
+
 PROG = "python -m microtrain.predict"
-MAX_MEMBER_BYTES = 256 * 2 ** 20  # a zip member declared larger than this is not read (no real image is)
 
 
 class UsageError(ValueError):
@@ -51,91 +56,61 @@ def _truth(folders, index: dict[str, int]) -> int | None:
     return None
 
 
-def _read_file(path: Path) -> Callable[[], bytes]:
-    def read() -> bytes:
-        from .data import DataError
-
-        try:
-            return path.read_bytes()
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return read
-
-
-def _member_name(info: zipfile.ZipInfo) -> str:
-    """A member's name as written: names without the UTF-8 flag that are valid UTF-8 are read as
-    UTF-8 (what most zip tools write; ``zipfile`` assumes cp437 for them, as ``unzip`` does not)."""
-    if info.flag_bits & 0x800:
-        return info.filename
-    try:
-        return info.filename.encode("cp437").decode("utf-8")
-    except (UnicodeEncodeError, UnicodeDecodeError):
-        return info.filename
-
-
-def collect(paths: list[str], classes: list[str]) -> tuple[list[Item], int]:
+def collect(paths: list[str], classes: list[str]) -> tuple[list[Item], list[str]]:
     """Every image under ``paths`` in a stable order (each argument in turn, sorted within it),
-    and the number of files skipped as not images (by extension; hidden files and ``__MACOSX``
-    are not counted). Raises ``UsageError`` for a path that does not exist."""
-    from .data import _hidden, _is_image_name
-
+    listed and read as dataset images are (``microtrain.data``: folder links followed once,
+    hidden files and ``__MACOSX`` ignored, zip names as written, no file read past its size
+    limit), and the one-line notes on what was skipped. Raises ``UsageError`` for a path that
+    does not exist, ``DataError`` for an unreadable folder or zip."""
     index = {name: label for label, name in enumerate(classes)}
     items: list[Item] = []
-    skipped = 0
+    notes: list[str] = []
     for arg in paths:
         path = Path(arg)
         if path.is_dir():
-            for dirpath, dirnames, filenames in os.walk(path):  # links to folders are not followed: no loops
-                dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-                rel = Path(dirpath).relative_to(path).parts
-                for name in sorted(filenames):
-                    if _hidden(name):
-                        continue
-                    if not _is_image_name(name):
-                        skipped += 1
-                        continue
-                    file = Path(dirpath) / name
-                    items.append(Item(str(file), _read_file(file), _truth((path.name,) + rel, index)))
-        elif path.is_file() and path.suffix.lower() == ".zip":
-            items_here, skipped_here = _collect_zip(path, index)
-            items += items_here
-            skipped += skipped_here
+            files, _, note = _list_tree(path)
+            notes += [note] if note else []
+            images = sorted(f for f in files if _is_image_name(f[-1]))
+            skipped = _skipped_note(str(path), [f[-1] for f in files if not _is_image_name(f[-1])], 0)
+            notes += [skipped] if skipped else []
+            for parts in images:
+                file = path.joinpath(*parts)
+                items.append(Item(str(file), lambda file=file: _read_file(file),
+                                  _truth((path.name,) + parts[:-1], index)))
+        elif path.is_file() and zipfile.is_zipfile(path) and not _is_image_name(path.name):
+            zipped, note = _collect_zip(path, index)
+            items += zipped
+            notes += [note] if note else []
         elif path.is_file():
-            items.append(Item(str(path), _read_file(path), _truth(path.parent.parts[-1:], index)))
+            items.append(Item(str(path), lambda path=path: _read_file(path), _truth(path.parent.parts[-1:], index)))
         else:
             raise UsageError(f"{arg}: no such file or directory")
-    return items, skipped
+    return items, notes
 
 
-def _collect_zip(path: Path, index: dict[str, int]) -> tuple[list[Item], int]:
-    from .data import DataError, _hidden, _is_image_name
-
+def _collect_zip(path: Path, index: dict[str, int]) -> tuple[list[Item], str | None]:
     try:
         with zipfile.ZipFile(path) as zf:
             infos = [i for i in zf.infolist() if not i.is_dir()]
     except (zipfile.BadZipFile, OSError) as exc:
         raise DataError(f"{path}: not a readable zip ({exc})") from None
-    items, skipped = [], 0
-    for info in sorted(infos, key=_member_name):
-        name = _member_name(info)
+    items, not_images = [], []
+    for name, info in sorted((_member_name(i), i) for i in infos if not _member_name(i).endswith("/")):
         parts = [p for p in name.split("/") if p]
         if not parts or any(_hidden(p) for p in parts):
             continue
         if not _is_image_name(parts[-1]):
-            skipped += 1
+            not_images.append(parts[-1])
             continue
 
-        def read(info=info, name=name) -> bytes:
-            if info.file_size > MAX_MEMBER_BYTES:
-                raise DataError(f"{path}:{name}: declares {info.file_size / 2 ** 20:.0f} MB uncompressed, more than "
-                                f"the {MAX_MEMBER_BYTES >> 20} MB any real image needs; not read")
+        def read(info=info, shown=f"{path}:{name}") -> bytes:
             try:
-                with zipfile.ZipFile(path) as zf:
-                    return zf.read(info)
-            except (zipfile.BadZipFile, OSError) as exc:
-                raise DataError(f"{path}:{name}: cannot read member ({exc})") from None
+                with zipfile.ZipFile(path) as zf, zf.open(info) as fh:
+                    return _read_capped(fh, shown, info.file_size)
+            except _ZIP_READ_ERRORS as exc:
+                raise DataError(f"{shown}: cannot read member ({exc})") from None
         items.append(Item(f"{path}:{name}", read, _truth(parts[:-1], index)))
-    return items, skipped
+    return items, _skipped_note(str(path), not_images, 0)
 
 
 def evaluate(truths: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
@@ -193,17 +168,15 @@ def run(args, out=None, err=None) -> dict:
     """Classify ``args.images`` with ``args.classifier``; print as asked (``out``, ``err``: default
     stdout and stderr); return the result as in ``--json``."""
     out, err = out or sys.stdout, err or sys.stderr
-    from .classifier import EMBED_BATCH, Classifier, load_image
-
     if args.top_k < 1:
         raise UsageError(f"--top-k must be >= 1, got {args.top_k}")
     batch = EMBED_BATCH if args.batch is None else args.batch
     if batch < 1:
         raise UsageError(f"--batch must be >= 1, got {batch}")
     clf = Classifier.load(args.classifier)
-    items, skipped = collect(args.images, clf.classes)
-    if skipped:
-        print(f"note: skipped {skipped} file(s) whose names are not images", file=err, flush=True)
+    items, notes = collect(args.images, clf.classes)
+    for note in notes:
+        print(f"note: {note}", file=err, flush=True)
     if not items:
         raise UsageError(f"no images found in {', '.join(args.images)}")
     k = min(args.top_k, len(clf.classes))
@@ -236,8 +209,6 @@ def run(args, out=None, err=None) -> dict:
     result = {"classifier": str(args.classifier), "classes": clf.classes, "predictions": records,
               "evaluation": ev, "seconds": seconds}
     if args.json:
-        from .pipeline import json_ready
-
         print(json.dumps(json_ready(result), indent=2, allow_nan=False, ensure_ascii=False), file=out, flush=True)
     else:
         stream = err if args.csv else out
@@ -251,14 +222,6 @@ def run(args, out=None, err=None) -> dict:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .adapt import KERNELS_NOTICE, exit_status, notice_if_slow
-
-    quiet_notice = args.json or args.csv or args.quiet
-    with notice_if_slow(KERNELS_NOTICE, lambda line: None if quiet_notice else print(line, file=sys.stderr)):
-        from . import model  # noqa: F401 - imports the engine: its Numba kernels compile or load here
-    from .classifier import ClassifierError
-    from .data import DataError
-
     return exit_status(lambda: run(args), (UsageError, ClassifierError, DataError))
 
 
