@@ -12,20 +12,30 @@ to ``--out``. Arguments are checked before any work; bad input: one line on stde
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import re
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 
-from .paths import write_atomic
+from . import __version__, model
+from .autograd import GraphError
+from .checkpoint import SHARED_CHECKPOINTS, CheckpointError, ensure_converted
+from .classifier import Classifier, ClassifierError
+from .classifier_format import is_classifier_file
+from .data import PILLOW_HINT, DataError, open_dataset
+from .episodes import EpisodeImages, from_folders, sample_episode, sample_metadataset_episode
+from .method_plan import Budgets
+from .methods import METHODS
+from .paths import MissingSharedError, shared_file, write_atomic
+from .pipeline import adapt_episode, json_ready
+from .tinytrain import BudgetError
+from .train import FinetuneConfig, TrainingDiverged
 
 _write_atomic = write_atomic  # the name tools/evaluate.py imports
 
@@ -65,33 +75,6 @@ def parse_macs(text: str, forward_macs: int) -> int:
     return value
 
 
-@contextlib.contextmanager
-def notice_if_slow(message: str, say, after: float = 5.0):
-    """Run the block; if it takes longer than ``after`` seconds, say ``message`` while it runs and
-    how long it took when it ends (e.g. Numba compiling the kernels on a first run)."""
-    said = threading.Event()
-
-    def speak():
-        said.set()
-        say(message)
-    timer = threading.Timer(after, speak)
-    timer.daemon = True
-    start = time.perf_counter()
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
-        if said.is_set():
-            say(f"  ... done in {time.perf_counter() - start:.1f} s")
-
-
-# A warm start loads the compiled kernels in 1-3 s (2 busy x86 cores); compiling them, after an install
-# or an update, takes 10-30 s there and longer on a board.
-KERNELS_NOTICE = ("loading microtrain's Numba kernels: the first run after an install or update compiles them "
-                  "(10-30 s on a PC, minutes on a small board); later runs load them from the cache")
-
-
 class _Explicit(argparse.Action):
     """Store the value and remember that the user gave the option (``args.explicit``), so that
     options that do not apply can be refused or flagged while defaults stay plain values."""
@@ -101,12 +84,7 @@ class _Explicit(argparse.Action):
         namespace.explicit = frozenset(getattr(namespace, "explicit", ())) | {self.dest}
 
 
-def build_parser(methods: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
-    """The command line (``methods``: the names ``--method`` accepts, default ``methods.METHODS``)."""
-    from .train import FinetuneConfig
-
-    if methods is None:
-        from .methods import METHODS as methods
+def build_parser() -> argparse.ArgumentParser:
     d = FinetuneConfig()
     p = argparse.ArgumentParser(
         prog="python -m microtrain.adapt", allow_abbrev=False,
@@ -131,7 +109,7 @@ def build_parser(methods: tuple[str, ...] | None = None) -> argparse.ArgumentPar
                    help="fixed way/shot, or the Meta-Dataset sampler of the paper's Appendix B (default %(default)s)")
     g.add_argument("--seed", type=int, default=0, action=_Explicit, help="episode seed (default %(default)s)")
     g = p.add_argument_group("method and budgets")
-    g.add_argument("--method", choices=methods, default="tinytrain", help="default %(default)s")
+    g.add_argument("--method", choices=METHODS, default="tinytrain", help="default %(default)s")
     g.add_argument("--mem-budget", default="512KB", action=_Explicit,
                    help="backward memory budget: weights updated + gradients + optimizer state + activations "
                         "kept for backward (default %(default)s; TinyTrain methods only)")
@@ -177,8 +155,6 @@ def _finite(value, name: str, low: float, *, strict: bool = True, high: float | 
 def validate(args, methods_budgeted: bool) -> list[str]:
     """Check every argument before any work (no model, data or training yet). Fills in the
     defaults of options left unset. Returns the warnings to print; raises ``UsageError``."""
-    from .checkpoint import SHARED_CHECKPOINTS
-
     given = getattr(args, "explicit", frozenset())
     episode_opts = [o for o in ("way", "shot", "query_shots", "sampler", "seed") if o in given]
     flag = lambda o: "--" + o.replace("_", "-")  # noqa: E731
@@ -257,8 +233,6 @@ def backbone_file(name: str, log=None) -> Path:
     ``<shared>/checkpoints/<name>.pkl`` into the user cache on first use (``log`` hears it).
     Meta-trained backbones (e.g. ``mcunet-5fps-meta``, from ``microtrain.metatrain``) are to be
     resolved here too, by name, before the unknown-name error."""
-    from .checkpoint import SHARED_CHECKPOINTS, ensure_converted
-
     if name in SHARED_CHECKPOINTS:
         return ensure_converted(name, log=log)
     raise UsageError(f"unknown backbone {name!r}; known: {', '.join(SHARED_CHECKPOINTS)}")
@@ -267,16 +241,11 @@ def backbone_file(name: str, log=None) -> Path:
 def resolve_model(spec: str, log=None):
     """A ``model.Network`` from ``spec``: a backbone name (``backbone_file``), a weight file
     (.npz), or a classifier file (its adapted network, to adapt further)."""
-    from . import model
-    from .classifier import Classifier
-
     path = Path(spec)
     if path.suffix == ".npz":
         if not path.is_file():
             raise UsageError(f"weight file {spec} not found")
-        with np.load(path, allow_pickle=False) as npz:
-            is_classifier = "__classifier__" in npz.files
-        return Classifier.load(path).net if is_classifier else model.load(path)
+        return Classifier.load(path).net if is_classifier_file(path) else model.load(path)
     return model.load(backbone_file(spec, log))
 
 
@@ -284,9 +253,6 @@ _resolve_model = resolve_model  # the name tools/evaluate.py imports
 
 
 def _load_episode(args, resolution: int):
-    from .data import EpisodeImages, from_folders, open_dataset, sample_episode, sample_metadataset_episode
-    from .paths import shared_file
-
     if args.support:
         episode, source = from_folders(args.support, args.query), f"{args.support} | {args.query}"
     else:
@@ -341,13 +307,14 @@ def peak_rss_bytes() -> int | None:
     ``ru_maxrss`` is KiB on Linux and bytes on macOS; Windows has no ``resource`` module and
     reports the peak working set through the Win32 API."""
     try:
-        import resource
+        import resource  # here, not above: the module exists on Unix only (none on Windows)
     except ImportError:
         resource = None
     if resource is not None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return int(peak) if sys.platform == "darwin" else int(peak) * 1024
     if sys.platform == "win32":
+        # here, not above: the Win32 API is reached only on Windows
         import ctypes
         from ctypes import wintypes
 
@@ -369,8 +336,6 @@ def exit_status(work, errors: tuple, interrupted: str = "interrupted") -> int:
     the ``errors`` (bad input) or a missing optional dependency (Pillow for PNG/JPEG, unlike a
     broken install, which keeps its traceback); 130 on Ctrl-C; 0 when the reader of a pipe
     (e.g. ``head``) went away."""
-    from .data import PILLOW_HINT
-
     try:
         work()
     except errors as exc:
@@ -401,12 +366,6 @@ def one_line_warnings(caught) -> list[str]:
 
 def run(args, say=print, warn=None) -> dict:
     """One adaptation as the command line asked (arguments already ``validate``d)."""
-    from . import __version__
-    from .classifier import Classifier
-    from .methods import Budgets
-    from .pipeline import adapt_episode, json_ready
-    from .train import FinetuneConfig
-
     warn = warn or say
     t0 = time.perf_counter()
     net = resolve_model(args.model, log=say)
@@ -480,17 +439,7 @@ def main(argv=None) -> int:
     def warn(line: str) -> None:
         print(f"warning: {line}", file=sys.stderr, flush=True)
 
-    with notice_if_slow(KERNELS_NOTICE, say):
-        from .methods import METHODS  # imports the engine: its Numba kernels compile or load here
-    args = build_parser(METHODS).parse_args(argv)
-    from .autograd import GraphError
-    from .checkpoint import CheckpointError
-    from .classifier import ClassifierError
-    from .data import DataError
-    from .paths import MissingSharedError
-    from .tinytrain import BudgetError
-    from .train import TrainingDiverged
-
+    args = build_parser().parse_args(argv)
     done = {}
 
     def work():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -55,13 +56,17 @@ def shared_file(*parts: str) -> Path:
 
 
 def platform_cache_dir() -> Path:
-    """The per-user cache folder of this platform (not created here)."""
+    """The per-user cache folder of this platform (not created here); the temporary folder for a
+    user without a home (a service account with no passwd entry)."""
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError):
+        home = Path(tempfile.gettempdir())
     if sys.platform == "win32":
-        base = os.environ.get("LOCALAPPDATA") or str(Path.home() / "AppData" / "Local")
-        return Path(base)
+        return Path(os.environ.get("LOCALAPPDATA") or home / "AppData" / "Local")
     if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return home / "Library" / "Caches"
+    return Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache")
 
 
 def home_dir() -> Path:

@@ -229,19 +229,6 @@ def test_missing_pillow_is_one_line_with_an_installable_hint(tiny_task, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-def test_slow_first_steps_are_announced():
-    from microtrain.adapt import notice_if_slow
-
-    said = []
-    with notice_if_slow("compiling", said.append, after=0.05):
-        time.sleep(0.3)
-    assert said[0] == "compiling" and said[1].startswith("  ... done in ")
-    said.clear()
-    with notice_if_slow("compiling", said.append, after=5):
-        pass
-    assert said == []
-
-
 def test_first_use_conversion_is_announced(tmp_path):
     from conftest import need_shared
 
