@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "cosine prototype head) and save the classifier for python -m microtrain.predict.")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a backbone name (mcunet-5fps, mbv2-w0.35, proxyless-w0.3: converted from the shared "
-                        "checkpoints on first use, into the user cache), a microtrain weight file (.npz) or "
-                        "a classifier file to adapt further. Default: %(default)s")
+                   help=f"a backbone name ({', '.join(BACKBONES)}: converted from the shared checkpoints on "
+                        "first use, into the user cache), a microtrain weight file (.npz) or a classifier file "
+                        "to adapt further. Default: %(default)s")
     g = p.add_argument_group("data: either --support/--query folders, or --data with an episode drawn from it")
     g.add_argument("--support", help="class-per-folder directory (or zip) of labelled support images")
     g.add_argument("--query", help="class-per-folder directory (or zip) of query images, same classes")
@@ -199,8 +199,8 @@ def validate(args, methods_budgeted: bool) -> list[str]:
     if model.suffix == ".npz":
         if not model.is_file():
             raise UsageError(f"--model {args.model}: no such file")
-    elif args.model not in SHARED_CHECKPOINTS:
-        raise UsageError(f"--model {args.model!r}: not a known backbone ({', '.join(SHARED_CHECKPOINTS)}) "
+    elif args.model not in BACKBONES:
+        raise UsageError(f"--model {args.model!r}: not a known backbone ({', '.join(BACKBONES)}) "
                          "nor a .npz weight or classifier file")
     for opt in ("support", "query", "data"):
         value = getattr(args, opt)
@@ -226,16 +226,19 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out {out}: cannot write in {probe}")
 
 
-def backbone_file(name: str, log=None) -> Path:
-    """The weight file of a backbone named ``name``.
+# Backbone names --model accepts. The shared ImageNet ones are converted from the shared
+# checkpoints on first use; meta-trained backbones (e.g. "mcunet-5fps-meta", microtrain.metatrain)
+# are added here and resolved in backbone_file below.
+BACKBONES = SHARED_CHECKPOINTS
 
-    The shared ImageNet backbones (``checkpoint.SHARED_CHECKPOINTS``) are converted from
-    ``<shared>/checkpoints/<name>.pkl`` into the user cache on first use (``log`` hears it).
-    Meta-trained backbones (e.g. ``mcunet-5fps-meta``, from ``microtrain.metatrain``) are to be
-    resolved here too, by name, before the unknown-name error."""
+
+def backbone_file(name: str, log=None) -> Path:
+    """The weight file of the backbone named ``name`` (one of ``BACKBONES``): a shared ImageNet
+    backbone is converted from ``<shared>/checkpoints/<name>.pkl`` into the user cache on first
+    use (``log`` hears it)."""
     if name in SHARED_CHECKPOINTS:
         return ensure_converted(name, log=log)
-    raise UsageError(f"unknown backbone {name!r}; known: {', '.join(SHARED_CHECKPOINTS)}")
+    raise UsageError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
 
 
 def resolve_model(spec: str, log=None):

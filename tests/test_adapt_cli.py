@@ -174,6 +174,21 @@ def test_a_worse_adaptation_keeps_the_pre_adaptation_weights(tiny_task, tmp_path
     assert (status == 2 and "loss became" in err) or (status == 0 and "keep-best" not in err)
 
 
+def test_a_classifier_adapts_further_and_keeps_its_classes(tiny_task, tmp_path, capsys):
+    from microtrain.classifier import Classifier
+
+    assert adapt(*tiny_task, "--out", tmp_path / "a", "--quiet") == 0
+    first = Classifier.load(tmp_path / "a" / "classifier.npz")
+    argv = list(tiny_task)
+    argv[1] = tmp_path / "a" / "classifier.npz"  # --model: the classifier instead of the backbone
+    assert adapt(*argv, "--method", "lastlayer", "--out", tmp_path / "b", "--quiet") == 0
+    second = Classifier.load(tmp_path / "b" / "classifier.npz")
+    assert second.classes == first.classes == ["blue", "green", "red"]
+    assert second.provenance["base_model"] == str(tmp_path / "a" / "classifier.npz")
+    assert second.provenance["method"] == "lastlayer" and first.provenance["method"] == "tinytrain"
+    assert capsys.readouterr().err == ""
+
+
 def test_progress_shows_mean_loss_elapsed_and_eta():
     from microtrain.adapt import Progress
 
