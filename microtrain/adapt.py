@@ -431,18 +431,17 @@ def run(args, say=print, warn=None) -> dict:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    quiet, as_json = "--quiet" in argv, "--json" in argv
-    stream = sys.stderr if as_json else sys.stdout
+    """The command line: 0 on success, 2 on bad input (one line on stderr), 130 on Ctrl-C."""
+    args = build_parser().parse_args(argv)
+    stream = sys.stderr if args.json else sys.stdout  # with --json, stdout holds the report alone
 
     def say(line: str) -> None:
-        if not quiet:
+        if not args.quiet:
             print(line, file=stream, flush=True)
 
     def warn(line: str) -> None:
         print(f"warning: {line}", file=sys.stderr, flush=True)
 
-    args = build_parser().parse_args(argv)
     done = {}
 
     def work():
@@ -456,11 +455,10 @@ def main(argv=None) -> int:
                                 BudgetError, TrainingDiverged, GraphError), "interrupted: no output written")
     if status or "report" not in done:  # an error, or the pipe's reader went away
         return status
-    caught, report = done["warnings"], done["report"]
-    for line in one_line_warnings(caught):
+    for line in one_line_warnings(done["warnings"]):
         warn(line)
-    if as_json:
-        print(json.dumps(report, indent=2, allow_nan=False), flush=True)
+    if args.json:
+        print(json.dumps(done["report"], indent=2, allow_nan=False), flush=True)
     return 0
 
 
