@@ -152,9 +152,10 @@ def _finite(value, name: str, low: float, *, strict: bool = True, high: float | 
                          + f", got {value}")
 
 
-def validate(args, methods_budgeted: bool) -> list[str]:
-    """Check every argument before any work (no model, data or training yet). Fills in the
-    defaults of options left unset. Returns the warnings to print; raises ``UsageError``."""
+def validate(args) -> list[str]:
+    """Check every argument before any work (no model, data or training yet): values in range,
+    options that do not go together, paths that exist, an output folder that can be written.
+    Returns the warnings to print (options that do not apply); raises ``UsageError``."""
     given = getattr(args, "explicit", frozenset())
     episode_opts = [o for o in ("way", "shot", "query_shots", "sampler", "seed") if o in given]
     flag = lambda o: "--" + o.replace("_", "-")  # noqa: E731
@@ -186,18 +187,17 @@ def validate(args, methods_budgeted: bool) -> list[str]:
     _finite(args.momentum, "--momentum", 0.0, strict=False, high=1.0)
     _finite(args.weight_decay, "--weight-decay", 0.0, strict=False)
     _finite(args.scale, "--scale", 0.0)
-    warnings = []
+    notes = []
     budgets = [o for o in ("mem_budget", "mac_budget") if o in given]
-    if budgets and not methods_budgeted:
-        warnings.append(f"{' and '.join(map(flag, budgets))} {'do' if len(budgets) > 1 else 'does'} not apply to "
+    if budgets and not args.method.startswith(BUDGETED):
+        notes.append(f"{' and '.join(map(flag, budgets))} {'do' if len(budgets) > 1 else 'does'} not apply to "
                         f"--method {args.method}, whose policy is fixed; only the tinytrain methods select "
                         "under budgets")
     if parse_bytes(args.mem_budget) <= 0:
         raise UsageError(f"--mem-budget must be positive, got {args.mem_budget!r}")
     parse_macs(args.mac_budget, 1)  # the syntax; the share is taken of the model's MACs later
-    model = Path(args.model)
-    if model.suffix == ".npz":
-        if not model.is_file():
+    if Path(args.model).suffix == ".npz":
+        if not Path(args.model).is_file():
             raise UsageError(f"--model {args.model}: no such file")
     elif args.model not in BACKBONES:
         raise UsageError(f"--model {args.model!r}: not a known backbone ({', '.join(BACKBONES)}) "
@@ -207,7 +207,7 @@ def validate(args, methods_budgeted: bool) -> list[str]:
         if value and not Path(value).exists():
             raise UsageError(f"--{opt} {value}: no such file or directory")
     _check_out(Path(args.out))
-    return warnings
+    return notes
 
 
 def _check_out(out: Path) -> None:
@@ -447,7 +447,7 @@ def main(argv=None) -> int:
     def work():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default")
-            for line in validate(args, args.method.startswith(BUDGETED)):
+            for line in validate(args):
                 warn(line)
             done["report"] = run(args, say, warn)
         done["warnings"] = caught  # shown only when the run succeeds: an error stays one line
