@@ -25,7 +25,7 @@ import numpy as np
 
 from . import __version__, model
 from .autograd import GraphError
-from .checkpoint import SHARED_CHECKPOINTS, CheckpointError, ensure_converted
+from .checkpoint import BACKBONES, CheckpointError, backbone_file
 from .classifier import Classifier, ClassifierError
 from .classifier_format import is_classifier_file
 from .data import PILLOW_HINT, DataError, open_dataset
@@ -93,9 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "cosine prototype head) and save the classifier for python -m microtrain.predict.")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"a backbone name ({', '.join(BACKBONES)}: converted from the shared checkpoints on "
-                        "first use, into the user cache), a microtrain weight file (.npz) or a classifier file "
-                        "to adapt further. Default: %(default)s")
+                   help=f"a backbone name ({', '.join(BACKBONES)}; the shared ones are converted on first use, "
+                        "into the user cache), a microtrain weight file (.npz) or a classifier file to adapt "
+                        "further. Default: %(default)s")
     g = p.add_argument_group("data: either --support/--query folders, or --data with an episode drawn from it")
     g.add_argument("--support", help="class-per-folder directory (or zip) of labelled support images")
     g.add_argument("--query", help="class-per-folder directory (or zip) of query images, same classes")
@@ -226,30 +226,16 @@ def _check_out(out: Path) -> None:
         raise UsageError(f"--out {out}: cannot write in {probe}")
 
 
-# Backbone names --model accepts. The shared ImageNet ones are converted from the shared
-# checkpoints on first use; meta-trained backbones (e.g. "mcunet-5fps-meta", microtrain.metatrain)
-# are added here and resolved in backbone_file below.
-BACKBONES = SHARED_CHECKPOINTS
-
-
-def backbone_file(name: str, log=None) -> Path:
-    """The weight file of the backbone named ``name`` (one of ``BACKBONES``): a shared ImageNet
-    backbone is converted from ``<shared>/checkpoints/<name>.pkl`` into the user cache on first
-    use (``log`` hears it)."""
-    if name in SHARED_CHECKPOINTS:
-        return ensure_converted(name, log=log)
-    raise UsageError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
-
-
 def resolve_model(spec: str, log=None):
-    """A ``model.Network`` from ``spec``: a backbone name (``backbone_file``), a weight file
-    (.npz), or a classifier file (its adapted network, to adapt further)."""
+    """A ``model.Network`` from ``spec``: a backbone name (``checkpoint.backbone_file``: the shared
+    ImageNet backbones and their meta-trained versions), a weight file (.npz), or a classifier
+    file (its adapted network, to adapt further). ``log(line)`` hears a first-use conversion."""
     path = Path(spec)
     if path.suffix == ".npz":
         if not path.is_file():
             raise UsageError(f"weight file {spec} not found")
         return Classifier.load(path).net if is_classifier_file(path) else model.load(path)
-    return model.load(backbone_file(spec, log))
+    return model.load(backbone_file(spec, log=log))
 
 
 _resolve_model = resolve_model  # the name tools/evaluate.py imports

@@ -252,12 +252,13 @@ def ensure_converted(name: str, weights_dir=None, log=None) -> Path:
     return save_weights(out, arch, arrays)
 
 
-def backbone_file(name: str) -> Path:
+def backbone_file(name: str, log=None) -> Path:
     """Path of a named backbone's weight file: a shared ImageNet backbone (``mcunet-5fps``, ...,
-    converted on first use by ``ensure_converted``) or its meta-trained version (``mcunet-5fps-meta``,
-    ..., in the repository's weights/ folder). Raises ``CheckpointError`` for an unknown name or a
-    meta-trained file that is not there (it ships with the source checkout), and
-    ``paths.MissingSharedError`` when a shared checkpoint is needed and absent."""
+    converted on first use by ``ensure_converted``, which ``log(line)`` hears) or its meta-trained
+    version (``mcunet-5fps-meta``, ..., in the repository's weights/ folder). Raises
+    ``CheckpointError`` for an unknown name or a meta-trained file that is not there (it ships
+    with the source checkout), and ``paths.MissingSharedError`` when a shared checkpoint is needed
+    and absent."""
     if name in META_TRAINED:
         path = META_DIR / f"{name}.npz"
         if not path.is_file():
@@ -266,4 +267,4 @@ def backbone_file(name: str) -> Path:
         return path
     if name not in SHARED_CHECKPOINTS:
         raise CheckpointError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
-    return ensure_converted(name)
+    return ensure_converted(name, log=log)
