@@ -391,9 +391,10 @@ def run(args, say=print, warn=None) -> dict:
     acc_before, acc_after = report["accuracy_before"], report["accuracy_after"]
     say(f"query accuracy after:  {100 * acc_after:.2f}%  ({100 * (acc_after - acc_before):+.2f})")
     t = report["time_seconds"]
+    check = f", keep-best check {t['keep_best_check']:.2f} s" if t["keep_best_check"] else ""
     say(f"time: load {t['load']:.2f} s, Fisher + selection {t['selection']:.2f} s "
-        f"({100 * report['selection_share']:.1f}% of load + selection + training), training {t['training']:.2f} s; "
-        f"whole run {time.perf_counter() - t0:.2f} s")
+        f"({100 * report['selection_share']:.1f}% of load + selection + training{' + check' if check else ''}), "
+        f"training {t['training']:.2f} s{check}; whole run {time.perf_counter() - t0:.2f} s")
     report["peak_rss_bytes"] = peak_rss_bytes()
     say("peak RSS: " + ("not measurable on this platform" if report["peak_rss_bytes"] is None
                         else f"{report['peak_rss_bytes'] / 2 ** 20:.1f} MB"))
