@@ -30,8 +30,9 @@ DOMAINS = ("traffic_sign.zip", "omniglot.zip", "flowers.zip", "dtd.zip", "quickd
 
 def one(task):
     from microtrain.adapt import resolve_model
-    from microtrain.data import EpisodeImages, open_dataset, sample_episode
-    from microtrain.methods import Budgets
+    from microtrain.data import open_dataset
+    from microtrain.episodes import EpisodeImages, sample_episode
+    from microtrain.method_plan import Budgets
     from microtrain.paths import shared_file
     from microtrain.pipeline import adapt_episode
     from microtrain.train import FinetuneConfig
