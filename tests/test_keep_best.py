@@ -146,3 +146,27 @@ def test_json_ready_turns_non_finite_numbers_into_null():
 
     out = pipeline.json_ready({"a": float("nan"), "b": [np.float32(np.inf), np.int64(3)], "c": np.arange(2)})
     assert json.dumps(out, allow_nan=False) == '{"a": null, "b": [null, 3], "c": [0, 1]}'
+
+
+def test_the_measurement_tool_counts_what_each_policy_keeps(monkeypatch):
+    """tools/keep_best.py's table: keep-best's own accuracy, the check's weights (the pre-adaptation
+    accuracy where it reverted), the loss rule applied to the plain run, diverged plain runs at chance."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "tools"))
+    sys.modules.pop("keep_best", None)
+    import keep_best
+
+    def kb(acc, loss, kept, checked):
+        return {"accuracy_before": acc[0], "accuracy_after": acc[1], "loss_before": loss[0], "loss_after": loss[1],
+                "diverged_at_step": None, "kept": kept, "query_accuracy_checked": checked}
+    records = [  # (plain, keep) runs of two episodes
+        {"backbone": "b", "domain": "d.zip", "seed": 1000, "method": "m", "plain": {"after": 0.8},
+         "keep": {"before": 0.6, "after": 0.8, "keep_best": kb((0.5, 0.7), (1.0, 1.2), "adapted", 0.7)}},
+        {"backbone": "b", "domain": "d.zip", "seed": 1001, "method": "m", "plain": {"error": "diverged"},
+         "keep": {"before": 0.5, "after": 0.5, "keep_best": kb((0.6, 0.4), (1.0, 0.9), "pre-adaptation", 0.3)}},
+    ]
+    row = keep_best.summarize(records).splitlines()[2].split()
+    # domain, episodes, none, plain, keep-best, reverted, check weights, loss rule, plain diverged
+    assert row == ["d", "2", "55.0", "45.0", "65.0", "1/2", "60.0", "35.0", "1"]
