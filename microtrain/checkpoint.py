@@ -29,7 +29,8 @@ import numpy as np
 
 from .checks import CheckpointError
 from .layouts import assemble, from_int8_dict, from_state_dict
-from .paths import REPO_ROOT, WEIGHTS_DIR, MissingSharedError, shared_file
+from .paths import REPO_ROOT, MissingSharedError, shared_file
+from .paths import weights_dir as _weights_dir
 from .torch_archive import unpickle_archive
 from .weight_format import FORMAT_VERSION, load_weights, save_weights, stored_stamp
 
@@ -225,14 +226,15 @@ def read_checkpoint(path, config=None, bn_eps: float | None = None, state_dict_k
 
 
 
-def ensure_converted(name: str, weights_dir=None) -> Path:
+def ensure_converted(name: str, weights_dir=None, log=None) -> Path:
     """Path of the converted weight file of a shared backbone (``mcunet-5fps``, ``mbv2-w0.35``,
-    ``proxyless-w0.3``), converting ``../shared/checkpoints/<name>.pkl`` on first use.
+    ``proxyless-w0.3``) in the user cache (``paths.weights_dir()``), converting
+    ``../shared/checkpoints/<name>.pkl`` on first use; ``log(line)`` hears when that happens.
     Raises ``paths.MissingSharedError`` when the shared checkpoint is not there."""
     stem = name[: -len(".pkl")] if name.endswith(".pkl") else name
     if stem not in SHARED_CHECKPOINTS:
         raise CheckpointError(f"unknown backbone {name!r}; known: {', '.join(SHARED_CHECKPOINTS)}")
-    out = Path(weights_dir if weights_dir is not None else WEIGHTS_DIR) / f"{stem}.npz"
+    out = Path(weights_dir if weights_dir is not None else _weights_dir()) / f"{stem}.npz"
     stamp = stored_stamp(out) if out.exists() else None
     try:
         source = shared_file("checkpoints", f"{stem}.pkl")
@@ -243,17 +245,20 @@ def ensure_converted(name: str, weights_dir=None) -> Path:
     # Reconvert when the format changed or the shared checkpoint is not the one converted.
     if stamp == (FORMAT_VERSION, hashlib.sha256(source.read_bytes()).hexdigest()):
         return out
+    if log is not None:
+        log(f"converting {source} into {out} (first use; a few seconds)")
     arch, arrays = read_checkpoint(source)
     out.parent.mkdir(parents=True, exist_ok=True)
     return save_weights(out, arch, arrays)
 
 
-def backbone_file(name: str) -> Path:
+def backbone_file(name: str, log=None) -> Path:
     """Path of a named backbone's weight file: a shared ImageNet backbone (``mcunet-5fps``, ...,
-    converted on first use by ``ensure_converted``) or its meta-trained version (``mcunet-5fps-meta``,
-    ..., in the repository's weights/ folder). Raises ``CheckpointError`` for an unknown name or a
-    meta-trained file that is not there (it ships with the source checkout), and
-    ``paths.MissingSharedError`` when a shared checkpoint is needed and absent."""
+    converted on first use by ``ensure_converted``, which ``log(line)`` hears) or its meta-trained
+    version (``mcunet-5fps-meta``, ..., in the repository's weights/ folder). Raises
+    ``CheckpointError`` for an unknown name or a meta-trained file that is not there (it ships
+    with the source checkout), and ``paths.MissingSharedError`` when a shared checkpoint is needed
+    and absent."""
     if name in META_TRAINED:
         path = META_DIR / f"{name}.npz"
         if not path.is_file():
@@ -262,4 +267,4 @@ def backbone_file(name: str) -> Path:
         return path
     if name not in SHARED_CHECKPOINTS:
         raise CheckpointError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")
-    return ensure_converted(name)
+    return ensure_converted(name, log=log)

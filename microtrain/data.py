@@ -65,7 +65,7 @@ MAX_IMAGE_FILE_BYTES = 128 << 20
 
 _STREAM_WINDOW = 1 << 20  # bytes read (inflated) at a time from a zip member
 
-PILLOW_HINT = "pip install microtrain[images]"
+PILLOW_HINT = "pip install Pillow (or, in a microtrain checkout, pip install -e '.[images]')"
 
 _log = logging.getLogger(__name__)
 

@@ -178,13 +178,15 @@ def sample_episode(dataset: Dataset, way: int, shot: int, query_shots: int, seed
     """Quick protocol: ``way`` classes, ``shot`` support and ``query_shots`` query images each.
 
     Classes and images come from ``numpy.random.default_rng(seed)``; support and query images
-    are disjoint. Every class of the dataset must hold ``shot + query_shots`` images (checked
+    are disjoint. An episode needs ``way >= 2`` (one class is no classification task: its
+    Fisher information is zero) and ``query_shots >= 1`` (the accuracy is measured on them);
+    anything less raises a DataError before anything is drawn. Every class of the dataset must hold ``shot + query_shots`` images (checked
     up front, so a run never fails on an unlucky seed) unless ``skip_short`` leaves short
     classes out of the draw.
     """
-    way = _positive_int("way", way)
+    way = _positive_int("way", way, minimum=2)
     shot = _positive_int("shot", shot)
-    query_shots = _positive_int("query_shots", query_shots, minimum=0)
+    query_shots = _positive_int("query_shots", query_shots)
     need = shot + query_shots
     eligible = _eligible_classes(dataset, need, skip_short,
                                  f"shot+query_shots = {shot}+{query_shots}")
@@ -217,9 +219,9 @@ def sample_metadataset_episode(dataset: Dataset, seed, max_way: int = 50,
        "at most 100 per class"); this only matters for classes with > 100 + q images.
 
     Every class needs at least 2 images (one query, one support); short classes raise a
-    DataError naming them unless ``skip_short`` leaves them out.
+    DataError naming them unless ``skip_short`` leaves them out. ``min_way`` is at least 2.
     """
-    min_way = _positive_int("min_way", min_way)
+    min_way = _positive_int("min_way", min_way, minimum=2)
     max_way = _positive_int("max_way", max_way)
     max_support = _positive_int("max_support", max_support)
     max_support_per_class = _positive_int("max_support_per_class", max_support_per_class)
@@ -258,10 +260,13 @@ def sample_metadataset_episode(dataset: Dataset, seed, max_way: int = 50,
 def from_folders(support_dir, query_dir) -> Episode:
     """An episode from two class-per-folder trees (or zips/npz): every image of each.
 
-    The two must have the same class names; labels follow their sorted order.
+    The two must have the same class names, at least 2; labels follow their sorted order.
     """
     support_ds = open_dataset(support_dir)
     query_ds = open_dataset(query_dir)
+    if len(support_ds.classes) < 2:
+        raise DataError(f"{support_ds.source}: one class folder ({_name_list(support_ds.classes)}); a task "
+                        "needs at least 2 classes")
     s, q = set(support_ds.classes), set(query_ds.classes)
     if s != q:
         parts = []

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import zipfile
 from pathlib import Path
 from typing import Mapping
@@ -17,6 +16,7 @@ import numpy as np
 
 from .architecture import embedding_channels, weight_shapes
 from .checks import CheckpointError, check_keys, expect_shape, odd_kernel, pos_int, raise_keys
+from .paths import write_atomic
 
 FORMAT_VERSION = 1
 
@@ -98,44 +98,51 @@ def check_arrays(arch: Mapping, arrays: Mapping[str, np.ndarray]) -> None:
 
 
 
-def save_weights(path, arch: Mapping, arrays: Mapping[str, np.ndarray]) -> Path:
-    """Validate and write the weight file atomically (temp file in the same folder, then
-    ``os.replace``): the path holds either its previous content or the complete new file."""
-    arch = dict(arch)
-    check_arrays(arch, arrays)
-    path = Path(path)
-    payload = {name: arrays[name] for name in arrays}
-    payload["__arch__"] = np.array(json.dumps(arch))
-    payload["__format_version__"] = np.array(FORMAT_VERSION)
-    # an exclusive open (not mkstemp) so the file gets the usual umask permissions, not 0600
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        with open(tmp, "xb") as f:
+def write_npz(path, payload: Mapping[str, np.ndarray]) -> Path:
+    """Write an uncompressed ``.npz`` of plain arrays atomically (``paths.write_atomic``: a
+    temporary file in the same folder, synced, then renamed, with umask permissions): the path
+    holds either its previous content or the complete new file. Shared by the weight and
+    classifier files."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, **payload)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    return write_atomic(path, write)
+
+
+def read_npz(path, error=CheckpointError, kind: str = "microtrain weight file") -> dict[str, np.ndarray]:
+    """Every array of an ``.npz`` read with ``allow_pickle=False`` (an object array is refused);
+    ``error`` (a one-line exception type) when the file cannot be read or is not an npz."""
+    path = Path(path)
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise error(f"{path}: a single .npy array, not a {kind} (.npz)")
+        with npz:
+            return {name: npz[name] for name in npz.files}
+    except error:
         raise
-    return path
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    except (ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise error(f"{path}: not a {kind} ({exc})") from None
+
+
+def save_weights(path, arch: Mapping, arrays: Mapping[str, np.ndarray]) -> Path:
+    """Validate and write the weight file atomically (``write_npz``)."""
+    arch = dict(arch)
+    check_arrays(arch, arrays)
+    payload = {name: arrays[name] for name in arrays}
+    payload["__arch__"] = np.array(json.dumps(arch))
+    payload["__format_version__"] = np.array(FORMAT_VERSION)
+    return write_npz(path, payload)
 
 
 def load_weights(path) -> tuple[dict, dict[str, np.ndarray]]:
     """``(arch, arrays)`` from a weight file written by ``save_weights``, fully validated."""
     path = Path(path)
-    try:
-        npz = np.load(path, allow_pickle=False)
-        if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise CheckpointError(f"{path}: a single .npy array, not a microtrain weight file (.npz)")
-        with npz:
-            contents = {name: npz[name] for name in npz.files}
-    except CheckpointError:
-        raise
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except (ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise CheckpointError(f"{path}: not a microtrain weight file ({exc})") from None
+    contents = read_npz(path)
     try:
         version = contents.pop("__format_version__", None)
         if version is None or version.ndim != 0 or version.dtype.kind not in "iu":

@@ -909,7 +909,7 @@ def cmd_rss(args) -> int:
         runs = {"microtrain": [], "torch": []}
         for k in range(args.runs):
             mt_out = tmp / f"mt{k}"
-            status, wall, rss, busy = _spawn([sys.executable, "-m", "microtrain.adapt", "--quiet", "--out", str(mt_out)],
+            status, wall, rss, busy = _spawn([sys.executable, "-m", "microtrain.adapt", "--quiet", "--no-keep-best", "--out", str(mt_out)],
                                              env, tmp / f"mt{k}.log")
             log = (tmp / f"mt{k}.log").read_text()
             if status != 0:
@@ -934,7 +934,7 @@ def cmd_rss(args) -> int:
             treport = json.loads((tmp / f"torch{k}" / "report.json").read_text())
             runs["torch"].append((wall, rss, busy2, treport))
             if k == 0:
-                print("\nmicrotrain: python -m microtrain.adapt --quiet --out <tmp>")
+                print("\nmicrotrain: python -m microtrain.adapt --quiet --no-keep-best --out <tmp>")
                 print("  " + log.strip().replace("\n", "\n  "))
                 print(f"torch: python tools/torch_adapt.py {' '.join(t_cmd[2:]).replace(str(tmp / f'torch{k}'), '<tmp>')}")
                 print("  " + tlog.strip().replace("\n", "\n  "))

@@ -10,8 +10,9 @@ MCUNet / once-for-all family (then --config, the network's net-config JSON, give
 bare or as training code saves it: inside a dict ({'model': sd, 'epoch': 5}, {'state_dict': sd,
 ...}) and with its keys under one prefix ('module.', 'model.'). When a file holds several
 state_dicts or key prefixes, the error lists them; --state-dict-key and --prefix pick one.
-OUT defaults to weights/<stem of IN>.npz. --all converts the three shared backbones
-(../shared/checkpoints, or $MICROTRAIN_SHARED) into weights/ (or FOLDER).
+OUT defaults to <stem of IN>.npz in the user cache (microtrain.paths.weights_dir():
+$MICROTRAIN_HOME/weights, default ~/.cache/microtrain/weights). --all converts the three shared
+backbones (../shared/checkpoints, or $MICROTRAIN_SHARED) into that folder (or FOLDER).
 Torch is not needed. Bad input: a one-line error on stderr, exit status 2, no output file.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's package, as the other tools
 
 from microtrain.checkpoint import SHARED_CHECKPOINTS, CheckpointError, read_checkpoint, save_weights
-from microtrain.paths import WEIGHTS_DIR, MissingSharedError, shared_file
+from microtrain.paths import MissingSharedError, shared_file, weights_dir
 
 PROG = "convert_ckpt"
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
                      epilog="Exit status: 0 converted, 2 bad input or usage.")
     parser.add_argument("input", nargs="?", type=Path, help="checkpoint to convert")
     parser.add_argument("-o", "--output", type=Path,
-                        help="output .npz (default weights/<stem>.npz); with --all, the output folder")
+                        help="output .npz (default <stem>.npz in the user cache, paths.weights_dir()); with --all, the output folder")
     parser.add_argument("--config", type=Path, help="net-config JSON of a float state_dict (strides, shortcuts)")
     parser.add_argument("--bn-eps", type=float, default=None,
                         help="BatchNorm eps for folding (default: the config's bn.eps, else 1e-3)")
@@ -68,10 +69,10 @@ def main(argv=None) -> int:
             parser.error(f"--{flag.replace('_', '-')} applies to one float checkpoint, not to --all")
     try:
         if args.all:
-            folder = args.output if args.output is not None else WEIGHTS_DIR
+            folder = args.output if args.output is not None else weights_dir()
             jobs = [(shared_file("checkpoints", f"{name}.pkl"), folder / f"{name}.npz") for name in SHARED_CHECKPOINTS]
         else:
-            out = args.output if args.output is not None else WEIGHTS_DIR / f"{args.input.stem}.npz"
+            out = args.output if args.output is not None else weights_dir() / f"{args.input.stem}.npz"
             jobs = [(args.input, out)]
         for src, out in jobs:
             print(_convert(src, out, args.config, args.bn_eps, args.state_dict_key, args.prefix))

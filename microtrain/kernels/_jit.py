@@ -22,7 +22,9 @@ same compiled code. Destinations are typed writable.
 Numba's cache is keyed per source file: the helpers at the bottom are inlined into kernels of
 other files, so after editing them clear the cache (``__pycache__/*.nbi``, ``*.nbc``).
 
-The disk cache must never stop a run (see ``_TolerantCache``): an entry that cannot be read (a
+A clean cache miss (the first run after an install or update) says once that the kernels are
+being compiled (``COMPILING_NOTE``). The disk cache must never stop a run (see
+``_TolerantCache``): an entry that cannot be read (a
 ``.nbi``/``.nbc`` file truncated by a power cut) is a cache miss, recompiled and rewritten, with
 one ``note:`` line; a cache that cannot be written is skipped with one line; and when Numba finds
 no writable place at all (``NUMBA_CACHE_DIR`` unset, a read-only install, no usable HOME) the
@@ -111,7 +113,7 @@ class _TolerantCache(FunctionCache):
 
     def load_overload(self, sig, target_context):
         try:
-            return super().load_overload(sig, target_context)
+            found = super().load_overload(sig, target_context)
         except Exception as exc:  # any unreadable entry is a miss: the compile below is exact
             try:
                 os.unlink(self._cache_file._index_path)
@@ -120,6 +122,9 @@ class _TolerantCache(FunctionCache):
             _log.warning("note: Numba cache entry %s in %s was unreadable (%s); recompiling it",
                          self._impl.filename_base, self.cache_path, _reason(exc))
             return None
+        if found is None:
+            _announce_compiling()
+        return found
 
     def save_overload(self, sig, data):
         try:
@@ -127,6 +132,19 @@ class _TolerantCache(FunctionCache):
         except Exception as exc:  # the kernel is compiled and runs; only the cache is missing
             _log.warning("note: could not write Numba cache entry %s in %s (%s); it is compiled "
                          "again next run", self._impl.filename_base, self.cache_path, _reason(exc))
+
+
+COMPILING_NOTE = ("note: compiling microtrain's Numba kernels (once after an install or update: 10-30 s on a "
+                  "PC, minutes on a small board); later runs load them from the cache")
+_announced = {"compiling": False}
+
+
+def _announce_compiling() -> None:
+    """Say once per process that kernels are being compiled: the first run after an install
+    would otherwise sit silent for the seconds (a board: minutes) it takes."""
+    if not _announced["compiling"]:
+        _announced["compiling"] = True
+        _log.warning(COMPILING_NOTE)
 
 
 def _reason(exc: Exception) -> str:
