@@ -192,6 +192,8 @@ def main(argv=None) -> int:
             return cmd_run(args, argv)
         except (UsageError, DataError, CheckpointError, MissingSharedError) as exc:
             raise GridError(str(exc)) from None
+        except OSError as exc:  # e.g. an --out folder that cannot be written
+            raise GridError(f"{exc.filename or args.out}: {exc.strerror or exc}") from None
     except GridError as exc:
         print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapt import UsageError, _resolve_model, _write_atomic
+from .adapt import UsageError, _resolve_model, _write_atomic, exit_status
 from .autograd import Executor
 from .checkpoint import CheckpointError, save_weights
 from .data import DataError, augment, open_dataset, to_input
@@ -293,6 +294,18 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def _check_writable(folder: Path) -> None:
+    """UsageError unless ``folder`` exists or can be made, and takes a new file (checked before
+    any training, so a bad --out costs nothing)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".{os.getpid()}.probe"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(f"--out: cannot write into {folder} ({exc.strerror or exc})") from None
+
+
 def metatrain(args, log=print) -> dict:
     """Run (or resume) the meta-training the arguments describe; returns the provenance record
     written into the output file."""
@@ -300,6 +313,7 @@ def metatrain(args, log=print) -> dict:
     out = Path(args.out)
     if out.suffix != ".npz":
         raise UsageError(f"--out must name a .npz weight file, got {out}")
+    _check_writable(out.parent)
     files = _source_files(args)
     net = _resolve_model(args.model)
     base = {"name": net.name, "sha256": net.arch["source"]["sha256"], "file": net.arch["source"]["file"]}
@@ -397,15 +411,9 @@ def metatrain(args, log=print) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
-    try:
-        metatrain(args)
-    except (UsageError, DataError, CheckpointError, MissingSharedError, TrainingDiverged) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted: the last checkpoint is kept; run the same command to resume", file=sys.stderr)
-        return 130
-    return 0
+    return exit_status(lambda: metatrain(args),
+                       (UsageError, DataError, CheckpointError, MissingSharedError, TrainingDiverged),
+                       "\ninterrupted: the last checkpoint is kept; run the same command to resume")
 
 
 if __name__ == "__main__":

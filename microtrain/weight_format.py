@@ -116,6 +116,11 @@ def read_npz(path, error=CheckpointError, kind: str = "microtrain weight file") 
     ``error`` (a one-line exception type) when the file cannot be read or is not an npz."""
     path = Path(path)
     try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+        # np.load takes anything else for a pickle and advises allow_pickle: never for untrusted files
+        if not magic.startswith(b"PK") and not magic.startswith(b"\x93NUMPY"):
+            raise error(f"{path}: not a {kind} (not an .npz archive)")
         npz = np.load(path, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise error(f"{path}: a single .npy array, not a {kind} (.npz)")

@@ -502,8 +502,10 @@ def test_load_refuses_non_weight_files(tmp_path):
     (tmp_path / "t.npz").write_text("hello")
     for path, message in ((tmp_path / "a.npy", "single .npy array"), (tmp_path / "t.npz", "not a microtrain weight file"),
                           (tmp_path / "absent.npz", "cannot read"), (FIX / "tiny_int8.pt", "not a microtrain weight file")):
-        with pytest.raises(CheckpointError, match=message):
+        with pytest.raises(CheckpointError, match=message) as caught:
             load_weights(path)
+        # np.load's own message for a non-zip file advises allow_pickle, never to be said of untrusted data
+        assert "pickle" not in str(caught.value)
 
 
 # ----------------------------------------------------------------------------- shared backbones

@@ -444,3 +444,14 @@ def test_a_folder_from_before_the_presets_reads_as_what_it_ran(inputs, tmp_path,
     assert evaluate.main(args(weights, data, out, methods="none", workers="0")) == 2
     assert "mac_budget: '15%fwd' there, '100%bwd' now" in capsys.readouterr().err
     assert evaluate.main(args(weights, data, out, "--mac-budget", "15%fwd", methods="none", workers="0")) == 0
+
+
+def test_an_unwritable_out_folder_is_one_line(tmp_path, capsys):
+    from microtrain.evaluate import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["run", "--methods", "none", "--domains", "traffic_sign", "--episodes", "1",
+                 "--out", str(blocker / "sub")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err

@@ -199,3 +199,11 @@ def test_meta_trained_backbones_are_named_in_every_front_door(tmp_path, monkeypa
     assert summary.main(["mbv2-w0.35-meta"]) == 2
     err = capsys.readouterr().err
     assert "ship with the source checkout" in err and err.count("\n") == 1
+
+
+def test_an_unwritable_out_is_refused_before_any_work(source, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert mt.main(argv(source, blocker / "sub" / "m.npz")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out: cannot write into") and "\n" not in err
