@@ -595,19 +595,9 @@ def init_worker() -> None:
 
 def _plain(obj):
     """JSON-ready: NumPy scalars and arrays to Python, NaN and infinities to None."""
-    import numpy as np  # lazy: loads NumPy (module docstring)
+    from .pipeline import json_ready  # lazy: loads NumPy (module docstring)
 
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
+    return json_ready(obj)
 
 
 def draw_episode(dataset, settings: dict, seed: int):

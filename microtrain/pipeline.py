@@ -222,7 +222,7 @@ def json_ready(obj):
     """``obj`` with NumPy scalars/arrays as plain Python and non-finite floats as None, so that
     ``json.dumps(..., allow_nan=False)`` writes valid JSON (bare NaN is not JSON)."""
     if isinstance(obj, dict):
-        return {k: json_ready(v) for k, v in obj.items()}
+        return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_ready(v) for v in obj]
     if isinstance(obj, np.ndarray):
