@@ -8,8 +8,9 @@ support set only, that the adaptation does not make the network worse, as Hu et 
 the fine-tuning procedure the paper adopts, Appendix C) check theirs: part of each class's
 support images is held out (``holdout_split``: a fifth, at least one, from classes with two or
 more), the method plans and fine-tunes on the rest, and the held-out images are classified
-against the prototypes of the rest with the weights before and after. Worse after (or a loss
-that turned non-finite): the pre-adaptation weights are kept and a line says so. Otherwise the
+against the prototypes of the rest with the weights before and after. Worse after, by more than
+``KEEP_BEST_TOLERANCE`` images (or a loss that turned non-finite): the pre-adaptation weights are
+kept and a line says so. Otherwise the
 check's weights are discarded and the method adapts again on every support image (Hu et al.
 likewise choose on a held-out split, then fine-tune on the whole support set), which is exactly
 the run without keep-best. The check costs one more fine-tuning on four fifths of the images;
@@ -35,6 +36,11 @@ from .tinytrain import backward_macs
 from .train import FinetuneConfig, TrainingDiverged, class_prototypes, embed, finetune, prototype_accuracy
 
 HOLDOUT_FRACTION = 0.2
+# Held-out images the adapted weights may lose before keep-best calls them worse: one image flips
+# within the noise of a ~10-image held-out set. On validation episodes (README, "Keep-best")
+# reverting on any drop cost TinyTrain 0.4 points and gained FullTrain 1.6; with this tolerance,
+# 0.0 and 2.2 (it still catches FullTrain's DTD collapses and every diverged run).
+KEEP_BEST_TOLERANCE = 1
 
 
 def holdout_split(labels: np.ndarray, seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[np.ndarray, np.ndarray]:
@@ -150,6 +156,14 @@ def adapt_episode(net: Network, support: np.ndarray, support_labels: np.ndarray,
     return json_ready(record)
 
 
+def adaptation_is_worse(decision: dict, tolerance: int = KEEP_BEST_TOLERANCE) -> bool:
+    """Keep-best's rule on a check's record: the loss turned non-finite, or the adapted weights
+    classify more than ``tolerance`` fewer held-out images correctly than the weights before."""
+    if decision["diverged_at_step"] is not None:
+        return True
+    return decision["correct_after"] < decision["correct_before"] - tolerance
+
+
 def _method_config(plan: MethodPlan, cfg: FinetuneConfig) -> FinetuneConfig:
     """The fine-tuning settings with the method's own learning rate (when the user gave none)
     and momentum (SparseUpdate: plain SGD)."""
@@ -181,6 +195,7 @@ def _check(net: Network, support, support_labels, query, query_labels, support_e
     plan = plan_method(method, net, train, train_labels, budgets, cfg.scale, cfg.momentum > 0, seed=cfg.seed,
                        embeddings=support_embeddings[train_idx])
     decision = {"held_out": int(len(held_idx)), "trained_on": int(len(train_idx)),
+                "correct_before": None, "correct_after": None, "tolerance": KEEP_BEST_TOLERANCE,
                 "accuracy_before": None, "accuracy_after": None, "loss_before": None, "loss_after": None,
                 "diverged_at_step": None, "kept": "adapted",
                 # the query accuracy of the check's weights (trained on the non-held-out images), with
@@ -192,14 +207,14 @@ def _check(net: Network, support, support_labels, query, query_labels, support_e
         f"{len(held_idx)} held out")
     acc, loss = held_out_scores(support_embeddings[train_idx], train_labels, support_embeddings[held_idx],
                                 held_labels, ways, cfg.scale)
-    decision.update(accuracy_before=acc, loss_before=loss)
+    decision.update(accuracy_before=acc, loss_before=loss, correct_before=int(round(acc * len(held_idx))))
     before = {name: (w.copy(), b.copy()) for name, (w, b) in net.params.items() if name in plan.selection.layers}
     phase = None if progress is None else (lambda *a: progress(*a, phase="keep-best check"))
     try:
         finetune(net, plan.selection, train, train_labels, _method_config(plan, cfg), phase, plan.block_hook)
         adapted = embed(net, support, block_hook=plan.block_hook)
         acc, loss = held_out_scores(adapted[train_idx], train_labels, adapted[held_idx], held_labels, ways, cfg.scale)
-        decision.update(accuracy_after=acc, loss_after=loss,
+        decision.update(accuracy_after=acc, loss_after=loss, correct_after=int(round(acc * len(held_idx))),
                         query_accuracy_checked=prototype_accuracy(net, support, support_labels, query, query_labels,
                                                                   plan.block_hook))
     except TrainingDiverged as exc:  # finetune restored the original weights
@@ -207,13 +222,14 @@ def _check(net: Network, support, support_labels, query, query_labels, support_e
     for name, (w, b) in before.items():  # the check's weights are never kept
         net.params[name][0][...] = w
         net.params[name][1][...] = b
-    what = f"held-out support accuracy {100 * decision['accuracy_before']:.1f}% before adaptation"
-    if decision["diverged_at_step"] is None and decision["accuracy_after"] >= decision["accuracy_before"]:
-        log(f"keep-best: {what}, {100 * decision['accuracy_after']:.1f}% after: adapting on every support image")
+    n = len(held_idx)
+    what = f"{decision['correct_before']} of {n} held-out support images right before adaptation"
+    if not adaptation_is_worse(decision):
+        log(f"keep-best: {what}, {decision['correct_after']} after: adapting on every support image")
         return decision
     decision["kept"] = "pre-adaptation"
     why = (f"training diverged at step {decision['diverged_at_step']}" if decision["diverged_at_step"] is not None
-           else f"{what}, {100 * decision['accuracy_after']:.1f}% after")
+           else f"{what}, {decision['correct_after']} after")
     warn(f"keep-best: {why}: keeping the pre-adaptation weights (--no-keep-best adapts anyway)")
     return decision
 

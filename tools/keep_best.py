@@ -25,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from microtrain.pipeline import adaptation_is_worse  # noqa: E402
+
 DOMAINS = ("traffic_sign.zip", "omniglot.zip", "flowers.zip", "dtd.zip", "quickdraw.npz")
 
 
@@ -64,16 +66,27 @@ def _seeds(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-RULES = {  # when keep-best keeps the pre-adaptation weights; "accuracy" is what microtrain does
-    "accuracy": lambda kb: kb["diverged_at_step"] is not None or kb["accuracy_after"] < kb["accuracy_before"],
+def _counts(kb: dict) -> dict:
+    """The record with held-out correct counts (records written before they were stored: from
+    the accuracies)."""
+    n = kb["held_out"]
+    count = lambda acc: None if acc is None else int(round(acc * n))  # noqa: E731
+    return {"correct_before": count(kb["accuracy_before"]), "correct_after": count(kb["accuracy_after"]), **kb}
+
+
+RULES = {  # when the pre-adaptation weights are kept, from a check's record
+    "keep-best": lambda kb: adaptation_is_worse(_counts(kb)),  # what microtrain does
+    "strict": lambda kb: adaptation_is_worse(_counts(kb), tolerance=0),  # any held-out image lost
     "loss": lambda kb: kb["diverged_at_step"] is not None or kb["loss_after"] > kb["loss_before"],
 }
 
 
 def summarize(results: list[dict]) -> str:
     """The table: per method and domain, mean query accuracy (%) of no training, plain adaptation,
-    keep-best, and the two alternatives; how often keep-best reverted; plain runs that diverged
-    (counted at chance, 10%: nothing usable is left)."""
+    keep-best, and the alternatives (a strict rule reverting on any held-out image lost, the
+    check's own weights, a rule on the held-out loss), each rule's decision applied to the plain
+    run (what adapting again on every image gives); how often keep-best and the strict rule
+    reverted; plain runs that diverged (counted at chance, 10%: nothing usable is left)."""
     import numpy as np
 
     lines = []
@@ -81,27 +94,32 @@ def summarize(results: list[dict]) -> str:
         rs = [r for r in results if r["method"] == method and "after" in r.get("keep", {})]
         lines.append(f"{method} on {rs[0]['backbone'] if rs else '?'}: query accuracy (%), mean over episodes")
         lines.append(f"  {'domain':<16} {'episodes':>8} {'none':>6} {'plain':>6} {'keep-best':>9} {'reverted':>8} "
-                     f"{'check weights':>13} {'loss rule':>9} {'plain diverged':>14}")
+                     f"{'strict':>6} {'reverted':>8} {'check weights':>13} {'loss rule':>9} {'plain diverged':>14}")
         by_domain: dict[str, list] = {}
         for r in rs:
             by_domain.setdefault(r["domain"], []).append(r)
         for domain, group in sorted(by_domain.items()) + [("average", rs)]:
-            cols = {k: [] for k in ("none", "plain", "keep", "checked", "loss")}
-            reverted = diverged = 0
+            cols = {k: [] for k in ("none", "plain", "keep-best", "strict", "checked", "loss")}
+            reverted = {"keep-best": 0, "strict": 0}
+            diverged = 0
             for r in group:
                 k, p, kb = r["keep"], r.get("plain", {}), r["keep"]["keep_best"]
                 plain = p.get("after", 0.1)
                 diverged += "after" not in p
-                back = kb is not None and RULES["accuracy"](kb)
-                reverted += back
                 cols["none"].append(k["before"])
                 cols["plain"].append(plain)
-                cols["keep"].append(k["after"])
+                for rule in ("keep-best", "strict", "loss"):  # the rule's decision on the plain run
+                    back = kb is not None and RULES[rule](kb)
+                    reverted[rule] = reverted.get(rule, 0) + back
+                    cols[rule].append(k["before"] if back else plain)
+                if kb is not None and "tolerance" in kb:  # decided by microtrain itself: its own result
+                    cols["keep-best"][-1] = k["after"]
+                back = kb is not None and RULES["keep-best"](kb)
                 cols["checked"].append(k["before"] if back or kb is None else kb["query_accuracy_checked"])
-                cols["loss"].append(k["before"] if kb is not None and RULES["loss"](kb) else plain)
             m = {key: 100 * np.mean(v) for key, v in cols.items()}
             lines.append(f"  {domain.split('.')[0]:<16} {len(group):>8} {m['none']:6.1f} {m['plain']:6.1f} "
-                         f"{m['keep']:9.1f} {reverted:>4}/{len(group):<3} {m['checked']:13.1f} {m['loss']:9.1f} "
+                         f"{m['keep-best']:9.1f} {reverted['keep-best']:>4}/{len(group):<3} {m['strict']:6.1f} "
+                         f"{reverted['strict']:>4}/{len(group):<3} {m['checked']:13.1f} {m['loss']:9.1f} "
                          f"{diverged:>14}")
     return "\n".join(lines)
 
