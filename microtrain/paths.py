@@ -44,16 +44,19 @@ def shared_dir() -> Path | None:
 
 def shared_file(*parts: str) -> Path:
     """Path of a file in the shared folder; raises a one-line ``MissingSharedError`` naming what
-    is missing and how to point microtrain at it."""
+    is missing, where the folder was looked for (``MICROTRAIN_SHARED`` or beside the checkout)
+    and how to point microtrain at it."""
     base = shared_dir()
     if base is None:
         raise MissingSharedError(f"{'/'.join(parts)}: no shared folder known to this installed microtrain; "
                                  "set MICROTRAIN_SHARED to the folder holding checkpoints/ and data/")
     path = base.joinpath(*parts)
     if not path.exists():
-        raise MissingSharedError(
-            f"{path} not found: set MICROTRAIN_SHARED to the folder holding checkpoints/ and data/"
-        )
+        if os.environ.get("MICROTRAIN_SHARED"):
+            raise MissingSharedError(f"{path} not found (MICROTRAIN_SHARED={base}): point MICROTRAIN_SHARED at "
+                                     "the folder holding checkpoints/ and data/")
+        raise MissingSharedError(f"{path} not found (the shared folder is looked for beside this checkout): "
+                                 "set MICROTRAIN_SHARED to the folder holding checkpoints/ and data/")
     return path
 
 
