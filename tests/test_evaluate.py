@@ -215,6 +215,17 @@ def test_seeds_round_trip():
     assert evaluation.parse_seeds("7") == [7]
 
 
+def test_the_usage_line_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: {evaluate.PROG} [-h] {{run,report,estimate}} ...")
+    assert "COMMAND --help (COMMAND: run, report or estimate)" in text
+    for command in ("run", "report", "estimate"):
+        assert f"\n    {command} " in text  # and described below it
+
+
 def test_help_documents_the_options(capsys):
     with pytest.raises(SystemExit) as exc:
         evaluate.main(["run", "--help"])
