@@ -26,7 +26,7 @@ from typing import Callable
 
 import numpy as np
 
-from .adapt import exit_status
+from .adapt import OneLineParser, exit_status
 from .classifier import EMBED_BATCH, Classifier, ClassifierError, load_image
 from .data import (_ZIP_READ_ERRORS, DataError, _hidden, _is_image_name, _list_tree, _member_name, _read_capped,
                    _read_file, _skipped_note)
@@ -150,8 +150,8 @@ def evaluation_text(ev: dict, classes: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
-                                description="Classify images with a classifier written by python -m microtrain.adapt.")
+    p = OneLineParser(prog=PROG, allow_abbrev=False,
+                      description="Classify images with a classifier written by python -m microtrain.adapt.")
     p.add_argument("classifier", help="the classifier file (runs/adapt/classifier.npz by default in adapt)")
     p.add_argument("images", nargs="+", help="image files, folders and zips of them")
     p.add_argument("--top-k", type=int, default=1, help="also list the K best classes per image (default %(default)s)")

@@ -18,9 +18,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def adapt(*argv):
+    """The command's exit status (argparse's own errors exit from inside the parser)."""
     from microtrain.adapt import main
 
-    return main([str(a) for a in argv])
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
 
 
 @pytest.fixture()
@@ -46,9 +50,15 @@ def no_shared(tmp_path, monkeypatch):
     (["--support", "{tmp}/s", "--query", "{tmp}/q", "--data", "{tmp}/s"], "use one or the other"),
     (["--support", "{tmp}/s"], "--support and --query go together"),
     (["--sampler", "metadataset", "--shot", "3"], "--shot apply to the fixed sampler"),
-    (["--lr", "0"], "--lr must be a finite number > 0"),
-    (["--lr", "nan"], "--lr must be a finite number > 0"),
-    (["--momentum", "1"], "--momentum must be a finite number >= 0.0 and < 1.0"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0 (see python -m microtrain.adapt --help)"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
+    (["--lr", "-0.001"], "argument --lr: must be a finite number > 0, got -0.001"),
+    (["--momentum", "1"], "argument --momentum: must be a finite number >= 0 and < 1, got 1"),
+    (["--momentum", "nan"], "argument --momentum: must be a finite number >= 0 and < 1, got nan"),
+    (["--weight-decay", "inf"], "argument --weight-decay: must be a finite number >= 0, got inf"),
+    (["--scale", "0"], "argument --scale: must be a finite number > 0, got 0"),
+    (["--way", "two"], "argument --way: invalid int value: 'two'"),
     (["--batch", "0"], "--batch must be >= 1"),
     (["--model", "resnet50"], "not a known backbone"),
     (["--model", "{tmp}/missing.npz"], "no such file"),

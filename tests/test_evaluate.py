@@ -329,9 +329,17 @@ def test_protocol_presets():
 
 @pytest.mark.parametrize("extra,message", [
     (["--batch", "1,magic=4"], "unknown method 'magic'"),
-    (["--batch", "0"], "cannot read '0'"),
+    (["--batch", "0"], "argument --batch: '0' is not an integer > 0"),
     (["--batch", "1,fulltrain=100,fulltrain=50"], "given twice"),
-    (["--lr", "fast"], "cannot read 'fast'"),
+    (["--lr", "fast"], "argument --lr: cannot read 'fast' as a number"),
+    # refused while parsing, not when a task's loss turns NaN (or its JSON record cannot be written)
+    (["--lr", "nan"], "argument --lr: 'nan' is not a finite number > 0"),
+    (["--lr", "3e-3,fulltrain=inf"], "argument --lr: 3e-3,fulltrain=inf: 'inf' is not a finite number > 0"),
+    (["--lr", "0"], "argument --lr: '0' is not a finite number > 0"),
+    (["--momentum", "nan"], "argument --momentum: must be a finite number >= 0 and < 1, got nan"),
+    (["--momentum", "1.5"], "argument --momentum: must be a finite number >= 0 and < 1, got 1.5"),
+    (["--weight-decay", "inf"], "argument --weight-decay: must be a finite number >= 0, got inf"),
+    (["--scale", "0"], "argument --scale: must be a finite number > 0, got 0"),
     (["--mac-budget", "15%ofall"], "cannot read '15%ofall' as a MAC budget"),
     (["--protocol", "exact"], "invalid choice"),
 ])
@@ -340,6 +348,7 @@ def test_bad_per_method_options_are_one_line(inputs, tmp_path, capsys, extra, me
     assert evaluate.main(args(weights, data, tmp_path / "o", *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_mac_budget_share_is_of_fulltrains_backward_macs():
