@@ -34,9 +34,13 @@ def adapted(tmp_path_factory):
 
 
 def predict(*argv):
+    """The command's exit status (argparse's own errors exit from inside the parser)."""
     from microtrain.predict import main
 
-    return main([str(a) for a in argv])
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
 
 
 def test_query_folder_gives_the_reports_accuracy(adapted, capsys):
@@ -101,6 +105,9 @@ def test_loose_images_non_images_and_unknown_folders(adapted, capsys, tmp_path):
     (lambda tmp, clf: [clf, tmp / "empty"], "no images found"),
     (lambda tmp, clf: [clf, tmp / "broken.png"], "not a decodable image"),
     (lambda tmp, clf: [clf, tmp, "--top-k", "0"], "--top-k must be >= 1"),
+    (lambda tmp, clf: [clf, tmp, "--top-k", "two"], "error: argument --top-k: invalid int value: 'two' (see "
+                                                    "python -m microtrain.predict --help)"),
+    (lambda tmp, clf: [clf, tmp, "--json", "--csv"], "argument --csv: not allowed with argument --json"),
 ])
 def test_bad_input_is_one_line_and_exit_2(adapted, capsys, tmp_path, make, message):
     from task_files import tiny_weights
