@@ -36,7 +36,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .paths import REPO_ROOT, shared_file
+from .paths import REPO_ROOT, shared_file, write_atomic
 
 PROG = "python -m microtrain.evaluate"
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS")
@@ -429,20 +429,20 @@ def resolve_backbone(spec: str):
     (checkpoint.backbone_file: a shared one is converted on first use, a meta-trained one ships
     in weights/)."""
     # lazy: loads NumPy (module docstring)
-    from .adapt import UsageError as AdaptUsageError, _resolve_model
+    from .adapt import UsageError as AdaptUsageError, resolve_model
     from .checkpoint import backbone_file
 
     path = Path(spec)
     if path.suffix == ".npz":
         try:
-            net = _resolve_model(spec)
+            net = resolve_model(spec)
         except AdaptUsageError as exc:
             raise GridError(str(exc)) from None
         return _key(path.stem), str(path.resolve()), net
     if spec not in BACKBONES:
         raise GridError(f"unknown backbone {spec!r}: use one of {', '.join(BACKBONES)} or a .npz weight file")
     weights = backbone_file(spec)
-    return spec, str(weights), _resolve_model(str(weights))
+    return spec, str(weights), resolve_model(str(weights))
 
 
 _HASHES: dict = {}  # (path, size, mtime_ns) -> SHA-256, per process: each file is read once
@@ -505,10 +505,8 @@ def read_record(path: Path) -> dict:
 
 def write_json(path: Path, obj) -> None:
     """``obj`` as indented JSON, written to a temporary file then renamed (never a partial file)."""
-    from .adapt import _write_atomic  # lazy: loads NumPy (module docstring)
-
     text = json.dumps(obj, indent=1, allow_nan=False)
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def check_config(out: Path, settings: dict, domains: dict, backbones: dict, argv: list[str],

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import grid_inputs
 from microtrain import evaluate, evaluation
-from microtrain.adapt import _resolve_model
+from microtrain.adapt import resolve_model
 from microtrain.evaluation_report import _label_offsets
 from microtrain.stats import t_quantile
 from microtrain.tinytrain import fulltrain_backward_macs
@@ -41,8 +41,8 @@ def files(out: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in sorted((out / "episodes").rglob("*.json"))}
 
 
-def test_resolve_model_takes_a_weight_file(inputs):
-    net = _resolve_model(str(inputs[0]))
+def testresolve_model_takes_a_weight_file(inputs):
+    net = resolve_model(str(inputs[0]))
     assert net.name == "tiny" and net.resolution == 16
 
 
@@ -69,7 +69,7 @@ def test_run_records_reports_and_resumes(inputs, tmp_path, capsys):
         assert none["backward_macs"] == 0 and none["memory"] is None
         assert tiny["selection"] and 0 < tiny["memory"]["backward_planned_bytes"] <= 1024 ** 2
         # --mac-budget 100%: all of FullTrain's backward MACs per image
-        assert 0 < tiny["backward_macs"] <= tiny["budgets"]["macs"] == fulltrain_backward_macs(_resolve_model(str(weights)))
+        assert 0 < tiny["backward_macs"] <= tiny["budgets"]["macs"] == fulltrain_backward_macs(resolve_model(str(weights)))
         assert tiny["losses"]["steps"] == 2 * 6
         assert tiny["finetune"]["epochs"] == 2 and 0 <= tiny["accuracy_after"] <= 1
         assert "error" not in none and "error" not in tiny
@@ -400,7 +400,7 @@ def test_paper_protocol_grid_on_stand_in_meta_trained_backbones(inputs, tmp_path
     rec = {(p.parent.name, int(p.stem)): json.loads(p.read_text())
            for p in (out / "episodes").rglob("*.json")}
     assert {m for m, _ in rec} == set(evaluation.PAPER_METHODS)
-    net = _resolve_model(str(weights))
+    net = resolve_model(str(weights))
     for seed in (0, 1):
         full, tinytl, tiny = rec[("fulltrain", seed)], rec[("tinytl", seed)], rec[("tinytrain", seed)]
         n, way = full["support_size"], full["way"]
