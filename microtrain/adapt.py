@@ -474,8 +474,8 @@ def main(argv=None) -> int:
         return status
     for line in one_line_warnings(done["warnings"]):
         warn(line)
-    if args.json:
-        print(json.dumps(done["report"], indent=2, allow_nan=False), flush=True)
+    if args.json:  # a reader that went away (| head) is not an error, here as during the run
+        return exit_status(lambda: print(json.dumps(done["report"], indent=2, allow_nan=False), flush=True), ())
     return 0
 
 

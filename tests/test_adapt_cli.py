@@ -135,6 +135,21 @@ def test_report_is_strict_json_with_null_and_files_follow_the_umask(tiny_task, t
     assert sorted(p.name for p in out.iterdir()) == ["classifier.npz", "report.json"]
 
 
+def test_json_to_a_reader_that_went_away_is_not_an_error(tiny_task, tmp_path):
+    """``adapt --json | head``: the report cannot all be printed, which is no failure of the run
+    (exit status 0, no traceback); the files are written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the report is printed
+    try:
+        result = subprocess.run([sys.executable, "-m", "microtrain.adapt", *map(str, tiny_task), "--json", "--out",
+                                 str(tmp_path / "o")], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                cwd=REPO, timeout=300)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["classifier.npz", "report.json"]
+
+
 def test_quiet_prints_nothing_and_plan_prints_every_buffer(tiny_task, tmp_path, capsys):
     assert adapt(*tiny_task, "--out", tmp_path / "a", "--quiet") == 0
     captured = capsys.readouterr()
