@@ -53,7 +53,7 @@ def shared_file(*parts: str) -> Path:
     path = base.joinpath(*parts)
     if not path.exists():
         if os.environ.get("MICROTRAIN_SHARED"):
-            raise MissingSharedError(f"{path} not found (MICROTRAIN_SHARED={base}): point MICROTRAIN_SHARED at "
+            raise MissingSharedError(f"{path} not found (MICROTRAIN_SHARED={base}): set MICROTRAIN_SHARED to "
                                      "the folder holding checkpoints/ and data/")
         raise MissingSharedError(f"{path} not found (the shared folder is looked for beside this checkout): "
                                  "set MICROTRAIN_SHARED to the folder holding checkpoints/ and data/")

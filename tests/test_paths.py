@@ -48,8 +48,8 @@ def test_in_a_checkout_the_shared_folder_is_beside_it(clean_env):
 
 
 def test_a_missing_shared_file_says_where_the_folder_was_looked_for(clean_env, tmp_path):
-    """One line naming the file and whether MICROTRAIN_SHARED or the checkout's ../shared chose
-    the folder (a user who set the variable is not told to set it)."""
+    """One line naming the file and whether MICROTRAIN_SHARED (and its value) or the checkout's
+    ../shared chose the folder."""
     clean_env.setattr(paths, "checkout_root", lambda: tmp_path / "repo")
     with pytest.raises(paths.MissingSharedError) as beside:
         paths.shared_file("data", "x.zip")
@@ -60,7 +60,7 @@ def test_a_missing_shared_file_says_where_the_folder_was_looked_for(clean_env, t
     with pytest.raises(paths.MissingSharedError) as chosen:
         paths.shared_file("data", "x.zip")
     assert str(chosen.value) == (f"{tmp_path / 'elsewhere' / 'data' / 'x.zip'} not found (MICROTRAIN_SHARED="
-                                 f"{tmp_path / 'elsewhere'}): point MICROTRAIN_SHARED at the folder holding "
+                                 f"{tmp_path / 'elsewhere'}): set MICROTRAIN_SHARED to the folder holding "
                                  "checkpoints/ and data/")
     (tmp_path / "elsewhere" / "data").mkdir(parents=True)
     (tmp_path / "elsewhere" / "data" / "x.zip").write_bytes(b"")
