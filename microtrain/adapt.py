@@ -38,7 +38,7 @@ from .pipeline import adapt_episode, json_ready
 from .tinytrain import BudgetError, fulltrain_backward_macs
 from .train import FinetuneConfig, TrainingDiverged
 
-_write_atomic = write_atomic  # the name tools/evaluate.py imports
+_write_atomic = write_atomic  # the name metatrain.py imports (paths.write_atomic elsewhere)
 
 DEFAULT_MODEL = "mcunet-5fps"
 DEFAULT_DATA = "traffic_sign.zip"
@@ -89,6 +89,33 @@ def parse_macs(text: str, net) -> int:
     return int(value / 100 * (fulltrain_backward_macs(net) if share_of == "bwd" else net.forward_macs))
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad option in one ``error:`` line (exit status 2), as every other
+    bad input of the commands is, instead of its usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(low: float, *, strict: bool = True, high: float | None = None):
+    """An argparse type: a finite number > ``low`` (>= with ``strict=False``) and, given ``high``,
+    < ``high``. So ``--lr nan``, ``inf`` or ``0`` is refused while the options are parsed (one line,
+    exit status 2), not when the loss turns NaN."""
+    bound = (f"> {low:g}" if strict else f">= {low:g}") + (f" and < {high:g}" if high is not None else "")
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text!r}") from None
+        ok = math.isfinite(value) and (value > low if strict else value >= low) and (high is None or value < high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be a finite number {bound}, got {text}")
+        return value
+    number.__name__ = f"number {bound}"
+    return number
+
+
 class _Explicit(argparse.Action):
     """Store the value and remember that the user gave the option (``args.explicit``), so that
     options that do not apply can be refused or flagged while defaults stay plain values."""
@@ -100,7 +127,7 @@ class _Explicit(argparse.Action):
 
 def build_parser() -> argparse.ArgumentParser:
     d = FinetuneConfig()
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m microtrain.adapt", allow_abbrev=False,
         description="Adapt a pretrained tiny CNN to a few labelled images (TinyTrain: Fisher-potential "
                     "layer/channel selection under memory and compute budgets, sparse fine-tuning, "
@@ -133,12 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default %(default)s; TinyTrain methods only)")
     g = p.add_argument_group("fine-tuning")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the support set, >= 1 (default %(default)s)")
-    g.add_argument("--lr", type=float, default=d.lr,
-                   help="SGD learning rate (default: the method's, from the validation sweeps: "
+    g.add_argument("--lr", type=finite_float(0), default=d.lr,
+                   help="SGD learning rate, > 0 (default: the method's, from the validation sweeps: "
                         "fulltrain and tinytl 1e-4, the others 3e-3)")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum (default %(default)s)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default %(default)s")
-    g.add_argument("--scale", type=float, default=d.scale, help="cosine logit scale (default %(default)s)")
+    g.add_argument("--momentum", type=finite_float(0, strict=False, high=1), default=d.momentum,
+                   help="SGD momentum, in [0, 1) (default %(default)s)")
+    g.add_argument("--weight-decay", type=finite_float(0, strict=False), default=d.weight_decay,
+                   help="default %(default)s")
+    g.add_argument("--scale", type=finite_float(0), default=d.scale, help="cosine logit scale (default %(default)s)")
     g.add_argument("--batch", type=int, default=d.batch, help="pseudo-queries per step (default %(default)s)")
     g.add_argument("--train-seed", type=int, default=d.seed,
                    help="augmentation, order and held-out split seed (default %(default)s)")
@@ -157,19 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _finite(value, name: str, low: float, *, strict: bool = True, high: float | None = None) -> None:
-    ok = value is not None and math.isfinite(value) and (value > low if strict else value >= low)
-    if ok and high is not None:
-        ok = value < high
-    if not ok:
-        bound = f"> {low}" if strict else f">= {low}"
-        raise UsageError(f"{name} must be a finite number {bound}" + (f" and < {high}" if high is not None else "")
-                         + f", got {value}")
-
-
 def validate(args) -> list[str]:
-    """Check every argument before any work (no model, data or training yet): values in range,
-    options that do not go together, paths that exist, an output folder that can be written.
+    """Check every argument before any work (no model, data or training yet), beyond what the
+    parser checks (``finite_float``: the fine-tuning numbers): values in range, options that do
+    not go together, paths that exist, an output folder that can be written.
     Returns the warnings to print (options that do not apply); raises ``UsageError``."""
     given = getattr(args, "explicit", frozenset())
     episode_opts = [o for o in ("way", "shot", "query_shots", "sampler", "seed") if o in given]
@@ -197,11 +217,6 @@ def validate(args) -> list[str]:
                          "prototypes)")
     if args.batch < 1:
         raise UsageError(f"--batch must be >= 1, got {args.batch}")
-    if args.lr is not None:
-        _finite(args.lr, "--lr", 0.0)
-    _finite(args.momentum, "--momentum", 0.0, strict=False, high=1.0)
-    _finite(args.weight_decay, "--weight-decay", 0.0, strict=False)
-    _finite(args.scale, "--scale", 0.0)
     notes = []
     budgets = [o for o in ("mem_budget", "mac_budget") if o in given]
     if budgets and not args.method.startswith(BUDGETED):
@@ -253,7 +268,7 @@ def resolve_model(spec: str, log=None):
     return model.load(backbone_file(spec, log=log))
 
 
-_resolve_model = resolve_model  # the name tools/evaluate.py imports
+_resolve_model = resolve_model  # the name metatrain.py imports
 
 
 def _load_episode(args, resolution: int):
@@ -459,8 +474,8 @@ def main(argv=None) -> int:
         return status
     for line in one_line_warnings(done["warnings"]):
         warn(line)
-    if args.json:
-        print(json.dumps(done["report"], indent=2, allow_nan=False), flush=True)
+    if args.json:  # a reader that went away (| head) is not an error, here as during the run
+        return exit_status(lambda: print(json.dumps(done["report"], indent=2, allow_nan=False), flush=True), ())
     return 0
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from .checks import CheckpointError
 from .layouts import assemble, from_int8_dict, from_state_dict
-from .paths import REPO_ROOT, MissingSharedError, shared_file
+from .paths import MissingSharedError, meta_weights_dir, shared_file
 from .paths import weights_dir as _weights_dir
 from .torch_archive import unpickle_archive
 from .weight_format import FORMAT_VERSION, load_weights, save_weights, stored_stamp
@@ -40,9 +40,10 @@ __all__ = ["SHARED_CHECKPOINTS", "META_TRAINED", "CheckpointError", "backbone_fi
 
 SHARED_CHECKPOINTS = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
 # The project's own meta-trained versions (``python -m microtrain.metatrain``), committed in the
-# repository's weights/ folder with their provenance (weights/README.md).
+# repository's weights/ folder with their provenance (weights/README.md) and installed with the
+# package (paths.meta_weights_dir).
 META_TRAINED = tuple(f"{name}-meta" for name in SHARED_CHECKPOINTS)
-META_DIR = REPO_ROOT / "weights"
+META_DIR = meta_weights_dir()
 BACKBONES = SHARED_CHECKPOINTS + META_TRAINED
 
 # The top-level modules of the MCUNet / once-for-all family: where a state_dict key's own name
@@ -255,15 +256,16 @@ def ensure_converted(name: str, weights_dir=None, log=None) -> Path:
 def backbone_file(name: str, log=None) -> Path:
     """Path of a named backbone's weight file: a shared ImageNet backbone (``mcunet-5fps``, ...,
     converted on first use by ``ensure_converted``, which ``log(line)`` hears) or its meta-trained
-    version (``mcunet-5fps-meta``, ..., in the repository's weights/ folder). Raises
-    ``CheckpointError`` for an unknown name or a meta-trained file that is not there (it ships
-    with the source checkout), and ``paths.MissingSharedError`` when a shared checkpoint is needed
-    and absent."""
+    version (``mcunet-5fps-meta``, ..., in ``paths.meta_weights_dir()``: the repository's weights/
+    folder, or the installed package's). Raises ``CheckpointError`` for an unknown name or a
+    meta-trained file that is not there, and ``paths.MissingSharedError`` when a shared
+    checkpoint is needed and absent."""
     if name in META_TRAINED:
         path = META_DIR / f"{name}.npz"
         if not path.is_file():
             raise CheckpointError(f"{path} not found: the meta-trained backbones ship with the source checkout "
-                                  f"(weights/); pass a weight file's path, or regenerate it (weights/README.md)")
+                                  "(weights/) and in the installed package (pip install .); pass a weight "
+                                  "file's path, or regenerate it (weights/README.md)")
         return path
     if name not in SHARED_CHECKPOINTS:
         raise CheckpointError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}")

@@ -28,9 +28,10 @@ import warnings
 import zipfile
 import zlib
 from collections import Counter
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -44,6 +45,8 @@ __all__ = [
     "MAX_IMAGE_FILE_BYTES",
     "image_extensions",
     "open_dataset",
+    "ImageFile",
+    "list_image_files",
     "load_image",
     "decode_image",
     "resize",
@@ -779,6 +782,74 @@ def open_dataset(path: str | os.PathLike) -> Dataset:
     if zipfile.is_zipfile(p):
         return ZipDataset(p)
     raise DataError(f"{p}: not a folder, .zip or .npz dataset")
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One encoded image found by :func:`list_image_files`, not read yet.
+
+    ``shown``: how messages name it (``dir/cat/1.jpg``, ``archive.zip:cat/1.jpg``); ``folders``:
+    the folder names on its path, outermost first, to look a class up in (for a folder argument
+    they start with that folder's own name, for a zip they are the member's folders, for a file
+    given alone its parent folder's name); ``read()``: its bytes (never more than
+    ``MAX_IMAGE_FILE_BYTES``; ``DataError`` for a file or member that cannot be read or is too
+    large)."""
+
+    shown: str
+    folders: tuple[str, ...]
+    read: Callable[[], bytes]
+
+
+def list_image_files(path: str | os.PathLike) -> tuple[list[ImageFile], list[str]]:
+    """The images under ``path``, listed as a dataset's are but without the class-per-folder
+    layout (what ``python -m microtrain.predict`` classifies): a folder searched recursively
+    (links followed, each real folder once; hidden files and ``__MACOSX`` left out) and a zip's
+    members (names as written), each sorted by path and kept when its extension is one the
+    installed Pillow decodes; a single file is taken whatever its name (decoding says whether it
+    is an image). Nothing is read yet. Returns the images and the one-line notes on what was
+    skipped (links, non-image files). Raises ``DataError`` (one line) for a path that does not
+    exist, a folder that cannot be listed or a zip that cannot be opened."""
+    path = Path(path)
+    if path.is_dir():
+        files, _, link_note = _list_tree(path)
+        not_images = [f[-1] for f in files if not _is_image_name(f[-1])]
+        found = [ImageFile(str(path.joinpath(*parts)), (path.name,) + parts[:-1],
+                           lambda file=path.joinpath(*parts): _read_file(file))
+                 for parts in sorted(f for f in files if _is_image_name(f[-1]))]
+        notes = [link_note, _skipped_note(str(path), not_images, 0)]
+    elif path.is_file() and zipfile.is_zipfile(path) and not _is_image_name(path.name):
+        found, skipped = _list_zip_images(path)
+        notes = [skipped]
+    elif path.is_file():
+        found, notes = [ImageFile(str(path), path.parent.parts[-1:], lambda: _read_file(path))], []
+    else:
+        raise DataError(f"{path}: no such file or directory")
+    return found, [n for n in notes if n]
+
+
+def _list_zip_images(path: Path) -> tuple[list[ImageFile], str | None]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = [i for i in zf.infolist() if not i.is_dir()]
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{path}: not a readable zip ({exc})") from None
+    found, not_images = [], []
+    for name, info in sorted((_member_name(i), i) for i in infos if not _member_name(i).endswith("/")):
+        parts = [p for p in name.split("/") if p]
+        if not parts or any(_hidden(p) for p in parts):
+            continue
+        if not _is_image_name(parts[-1]):
+            not_images.append(parts[-1])
+            continue
+
+        def read(info=info, shown=f"{path}:{name}") -> bytes:
+            try:
+                with zipfile.ZipFile(path) as zf, zf.open(info) as fh:
+                    return _read_capped(fh, shown, info.file_size)
+            except _ZIP_READ_ERRORS as exc:
+                raise DataError(f"{shown}: cannot read member ({exc})") from None
+        found.append(ImageFile(f"{path}:{name}", tuple(parts[:-1]), read))
+    return found, _skipped_note(str(path), not_images, 0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -49,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .methods import METHODS  # lazy: loads NumPy (see cmd_run)
 
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                epilog=f"Options of each command: {PROG} run --help, {PROG} report --help.\n"
+                epilog=f"Options of each command: {PROG} COMMAND --help (COMMAND: run, report or estimate).\n"
                        "A run exits with status 0 also when some tasks failed: they are recorded, listed in\n"
                        "the report, and rerun by --retry-errors.")
-    sub = p.add_subparsers(dest="command", metavar="{run,report}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)  # the usage line lists every command
     r = sub.add_parser("run", help="adapt every (backbone, domain, episode, method), then write the report "
                                    "(the default command)",
                        description="Adapt every (backbone, domain, episode seed, method) not done yet in --out, "

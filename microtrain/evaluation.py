@@ -36,7 +36,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .paths import REPO_ROOT, shared_file
+from .paths import REPO_ROOT, shared_file, write_atomic
 
 PROG = "python -m microtrain.evaluate"
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS")
@@ -97,7 +97,8 @@ PROTOCOL_TEXT = {
 def add_settings_options(parser: argparse.ArgumentParser) -> None:
     """The protocol, episode, budget and fine-tuning options of ``run`` (read back by
     ``settings_of``). Options a preset sets default to None until ``apply_protocol``."""
-    from .train import FinetuneConfig  # lazy: loads NumPy (module docstring)
+    from .adapt import finite_float  # lazy: loads NumPy (module docstring)
+    from .train import FinetuneConfig  # lazy: as above
 
     d = FinetuneConfig()
     q, p = PROTOCOLS["quick"], PROTOCOLS["paper"]
@@ -124,14 +125,15 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
                          "protocols").replace("%", "%%"))
     g = parser.add_argument_group("fine-tuning (defaults: microtrain.train.FinetuneConfig)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the support set (default %(default)s)")
-    g.add_argument("--lr",
-                   help="SGD learning rate: one for every method, per method (fulltrain=1e-3), or both "
+    g.add_argument("--lr", type=_per_method_option("--lr", _positive(float)),
+                   help="SGD learning rate, > 0: one for every method, per method (fulltrain=1e-3), or both "
                         "(3e-3,fulltrain=1e-3). Default: each method's own, methods.DEFAULT_LR")
-    g.add_argument("--momentum", type=float, default=d.momentum,
-                   help="SGD momentum (default %(default)s; SparseUpdate always uses plain SGD)")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default %(default)s")
-    g.add_argument("--scale", type=float, default=d.scale, help="cosine logit scale (default %(default)s)")
-    g.add_argument("--batch",
+    g.add_argument("--momentum", type=finite_float(0, strict=False, high=1), default=d.momentum,
+                   help="SGD momentum, in [0, 1) (default %(default)s; SparseUpdate always uses plain SGD)")
+    g.add_argument("--weight-decay", type=finite_float(0, strict=False), default=d.weight_decay,
+                   help="default %(default)s")
+    g.add_argument("--scale", type=finite_float(0), default=d.scale, help="cosine logit scale (default %(default)s)")
+    g.add_argument("--batch", type=_per_method_option("--batch", _positive(int)),
                    help="pseudo-queries per step: one for every method, or with per-method values "
                         "(1,fulltrain=100); a batch larger than an episode's support set is the whole set. "
                         f"Default: quick {q['batch']}, paper {p['batch']}")
@@ -184,8 +186,8 @@ def parse_per_method(text: str, option: str, cast) -> tuple[object, dict]:
                             "is given twice")
         try:
             parsed = cast(value.strip())
-        except ValueError:
-            raise GridError(f"{option} {text}: cannot read {value.strip()!r}") from None
+        except ValueError as exc:
+            raise GridError(f"{option} {text}: {exc}") from None
         if eq:
             per[name] = parsed
         else:
@@ -199,12 +201,34 @@ def format_per_method(default, per: dict) -> str:
 
 
 def _positive(kind):
+    """A cast for ``parse_per_method``: ``kind(text)`` when it is finite and > 0, else a
+    ValueError saying why."""
+    what = "an integer" if kind is int else "a number"
+
     def cast(text):
-        value = kind(text)
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ValueError(f"cannot read {text!r} as {what}") from None
         if not value > 0 or not math.isfinite(value):
-            raise ValueError(text)
+            raise ValueError(f"{text!r} is not {'a finite number' if kind is float else what} > 0")
         return value
     return cast
+
+
+def _per_method_option(option: str, cast):
+    """An argparse type for a per-method option (``--lr``, ``--batch``): the text checked by
+    ``parse_per_method`` while the options are parsed (``--lr nan``: one line, exit status 2),
+    kept as text for ``settings_of``."""
+    def check(text: str) -> str:
+        try:
+            parse_per_method(text, option, cast)
+        except GridError as exc:
+            # one value: its reason alone; a list: which list, then the reason
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{option} " + ("" if "," in text else f"{text}: ")))\
+                from None
+        return text
+    return check
 
 
 def _bytes_text(n: int) -> str:
@@ -235,8 +259,8 @@ def settings_of(args) -> dict:
         raise GridError("--way, --shot and --query-shots must be >= 1")
     batch, batches = parse_per_method(args.batch, "--batch", _positive(int))
     lr, lrs = parse_per_method(args.lr, "--lr", _positive(float)) if args.lr is not None else (None, {})
-    if args.epochs < 0 or args.momentum < 0 or args.weight_decay < 0:
-        raise GridError("--epochs, --momentum and --weight-decay must be >= 0")
+    if args.epochs < 0:
+        raise GridError(f"--epochs must be >= 0, got {args.epochs}")
     per_method = {}
     for key, values in (("batch", batches), ("lr", lrs)):
         for m, v in values.items():
@@ -405,20 +429,20 @@ def resolve_backbone(spec: str):
     (checkpoint.backbone_file: a shared one is converted on first use, a meta-trained one ships
     in weights/)."""
     # lazy: loads NumPy (module docstring)
-    from .adapt import UsageError as AdaptUsageError, _resolve_model
+    from .adapt import UsageError as AdaptUsageError, resolve_model
     from .checkpoint import backbone_file
 
     path = Path(spec)
     if path.suffix == ".npz":
         try:
-            net = _resolve_model(spec)
+            net = resolve_model(spec)
         except AdaptUsageError as exc:
             raise GridError(str(exc)) from None
         return _key(path.stem), str(path.resolve()), net
     if spec not in BACKBONES:
         raise GridError(f"unknown backbone {spec!r}: use one of {', '.join(BACKBONES)} or a .npz weight file")
     weights = backbone_file(spec)
-    return spec, str(weights), _resolve_model(str(weights))
+    return spec, str(weights), resolve_model(str(weights))
 
 
 _HASHES: dict = {}  # (path, size, mtime_ns) -> SHA-256, per process: each file is read once
@@ -481,10 +505,8 @@ def read_record(path: Path) -> dict:
 
 def write_json(path: Path, obj) -> None:
     """``obj`` as indented JSON, written to a temporary file then renamed (never a partial file)."""
-    from .adapt import _write_atomic  # lazy: loads NumPy (module docstring)
-
     text = json.dumps(obj, indent=1, allow_nan=False)
-    _write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n"))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text + "\n"))
 
 
 def check_config(out: Path, settings: dict, domains: dict, backbones: dict, argv: list[str],

@@ -19,10 +19,10 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from .adapt import _write_atomic
 from .evaluation import (DOMAINS, PROG, GridError, describe_settings, duration, format_bytes, format_seeds, read_record,
                          settings_options, stored_settings, write_json)
 from .methods import METHODS
+from .paths import write_atomic
 from .stats import mean_ci, t_quantile  # noqa: F401 - t_quantile is part of this module's interface
 
 REFERENCE = "tinytrain"  # Table 2's ratios and the improvement column are relative to it
@@ -291,7 +291,7 @@ def write_figure(out: Path, backbone: str, s: dict) -> str | None:
     fig.tight_layout()
     name = f"figure1_{backbone}.png"
     try:
-        _write_atomic(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+        write_atomic(out / name, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     finally:
         plt.close(fig)
     return name
@@ -362,7 +362,7 @@ def write_report(out: Path) -> dict:
                     lines.append(f"| {m} | {_label(d)} | {r['seed']} | {err} |")
             lines.append("")
     text = "\n".join(lines)
-    _write_atomic(out / "report.md", lambda tmp: Path(tmp).write_text(text))
+    write_atomic(out / "report.md", lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {out / 'report.md'} and {out / 'results.json'} ({len(records)} episode records)", flush=True)
     return summary
 

@@ -8,6 +8,8 @@
   (``numba/``). Default: the platform's cache folder, as torch.hub does (``$XDG_CACHE_HOME`` or
   ``~/.cache`` on Linux, ``~/Library/Caches`` on macOS, ``%LOCALAPPDATA%`` on Windows) plus
   ``microtrain``. Nothing is written into the package folder, so uninstalling leaves nothing.
+- The project's **meta-trained backbones** are read-only release files: ``weights/`` of a
+  checkout, or the installed package's ``weights/`` (``meta_weights_dir``).
 """
 from __future__ import annotations
 
@@ -42,16 +44,19 @@ def shared_dir() -> Path | None:
 
 def shared_file(*parts: str) -> Path:
     """Path of a file in the shared folder; raises a one-line ``MissingSharedError`` naming what
-    is missing and how to point microtrain at it."""
+    is missing, where the folder was looked for (``MICROTRAIN_SHARED`` or beside the checkout)
+    and how to point microtrain at it."""
     base = shared_dir()
     if base is None:
         raise MissingSharedError(f"{'/'.join(parts)}: no shared folder known to this installed microtrain; "
                                  "set MICROTRAIN_SHARED to the folder holding checkpoints/ and data/")
     path = base.joinpath(*parts)
     if not path.exists():
-        raise MissingSharedError(
-            f"{path} not found: set MICROTRAIN_SHARED to the folder holding checkpoints/ and data/"
-        )
+        if os.environ.get("MICROTRAIN_SHARED"):
+            raise MissingSharedError(f"{path} not found (MICROTRAIN_SHARED={base}): set MICROTRAIN_SHARED to "
+                                     "the folder holding checkpoints/ and data/")
+        raise MissingSharedError(f"{path} not found (the shared folder is looked for beside this checkout): "
+                                 "set MICROTRAIN_SHARED to the folder holding checkpoints/ and data/")
     return path
 
 
@@ -82,6 +87,15 @@ def weights_dir() -> Path:
     if os.environ.get("MICROTRAIN_WEIGHTS"):
         return Path(os.environ["MICROTRAIN_WEIGHTS"])
     return home_dir() / "weights"
+
+
+def meta_weights_dir() -> Path:
+    """Where the project's meta-trained backbones (``mcunet-5fps-meta.npz``, ...) are: the
+    repository's ``weights/`` in a checkout, the package's ``weights/`` folder in an installed
+    copy (pyproject.toml installs ``weights/*-meta.npz`` there as package data). Read-only: they
+    are part of the release, unlike the converted backbones of ``weights_dir``."""
+    root = checkout_root()
+    return PACKAGE_DIR / "weights" if root is None else root / "weights"
 
 
 WEIGHTS_DIR = weights_dir()  # as resolved at import; call weights_dir() to follow later changes

@@ -19,17 +19,14 @@ import csv
 import json
 import sys
 import time
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from .adapt import exit_status
+from .adapt import OneLineParser, exit_status
 from .classifier import EMBED_BATCH, Classifier, ClassifierError, load_image
-from .data import (_ZIP_READ_ERRORS, DataError, _hidden, _is_image_name, _list_tree, _member_name, _read_capped,
-                   _read_file, _skipped_note)
+from .data import DataError, list_image_files
 from .pipeline import json_ready
 
 PROG = "python -m microtrain.predict"
@@ -41,7 +38,8 @@ class UsageError(ValueError):
 
 @dataclass
 class Item:
-    """One image to classify: how it is shown, how its bytes are read, its true label if known."""
+    """One image to classify (``data.ImageFile``: how it is shown, how its bytes are read) and
+    its true label if known."""
 
     shown: str
     read: Callable[[], bytes]
@@ -58,59 +56,17 @@ def _truth(folders, index: dict[str, int]) -> int | None:
 
 def collect(paths: list[str], classes: list[str]) -> tuple[list[Item], list[str]]:
     """Every image under ``paths`` in a stable order (each argument in turn, sorted within it),
-    listed and read as dataset images are (``microtrain.data``: folder links followed once,
-    hidden files and ``__MACOSX`` ignored, zip names as written, no file read past its size
-    limit), and the one-line notes on what was skipped. Raises ``UsageError`` for a path that
-    does not exist, ``DataError`` for an unreadable folder or zip."""
+    listed and read as dataset images are (``data.list_image_files``), with its class when a
+    folder on its path is named like one of ``classes``, and the one-line notes on what was
+    skipped. Raises ``DataError`` for a path that does not exist, an unreadable folder or zip."""
     index = {name: label for label, name in enumerate(classes)}
     items: list[Item] = []
     notes: list[str] = []
     for arg in paths:
-        path = Path(arg)
-        if path.is_dir():
-            files, _, note = _list_tree(path)
-            notes += [note] if note else []
-            images = sorted(f for f in files if _is_image_name(f[-1]))
-            skipped = _skipped_note(str(path), [f[-1] for f in files if not _is_image_name(f[-1])], 0)
-            notes += [skipped] if skipped else []
-            for parts in images:
-                file = path.joinpath(*parts)
-                items.append(Item(str(file), lambda file=file: _read_file(file),
-                                  _truth((path.name,) + parts[:-1], index)))
-        elif path.is_file() and zipfile.is_zipfile(path) and not _is_image_name(path.name):
-            zipped, note = _collect_zip(path, index)
-            items += zipped
-            notes += [note] if note else []
-        elif path.is_file():
-            items.append(Item(str(path), lambda path=path: _read_file(path), _truth(path.parent.parts[-1:], index)))
-        else:
-            raise UsageError(f"{arg}: no such file or directory")
+        found, skipped = list_image_files(arg)
+        items += [Item(f.shown, f.read, _truth(f.folders, index)) for f in found]
+        notes += skipped
     return items, notes
-
-
-def _collect_zip(path: Path, index: dict[str, int]) -> tuple[list[Item], str | None]:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = [i for i in zf.infolist() if not i.is_dir()]
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DataError(f"{path}: not a readable zip ({exc})") from None
-    items, not_images = [], []
-    for name, info in sorted((_member_name(i), i) for i in infos if not _member_name(i).endswith("/")):
-        parts = [p for p in name.split("/") if p]
-        if not parts or any(_hidden(p) for p in parts):
-            continue
-        if not _is_image_name(parts[-1]):
-            not_images.append(parts[-1])
-            continue
-
-        def read(info=info, shown=f"{path}:{name}") -> bytes:
-            try:
-                with zipfile.ZipFile(path) as zf, zf.open(info) as fh:
-                    return _read_capped(fh, shown, info.file_size)
-            except _ZIP_READ_ERRORS as exc:
-                raise DataError(f"{shown}: cannot read member ({exc})") from None
-        items.append(Item(f"{path}:{name}", read, _truth(parts[:-1], index)))
-    return items, _skipped_note(str(path), not_images, 0)
 
 
 def evaluate(truths: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
@@ -150,8 +106,8 @@ def evaluation_text(ev: dict, classes: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, allow_abbrev=False,
-                                description="Classify images with a classifier written by python -m microtrain.adapt.")
+    p = OneLineParser(prog=PROG, allow_abbrev=False,
+                      description="Classify images with a classifier written by python -m microtrain.adapt.")
     p.add_argument("classifier", help="the classifier file (runs/adapt/classifier.npz by default in adapt)")
     p.add_argument("images", nargs="+", help="image files, folders and zips of them")
     p.add_argument("--top-k", type=int, default=1, help="also list the K best classes per image (default %(default)s)")

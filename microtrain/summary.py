@@ -93,7 +93,10 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     s = summarize(arch, arrays)
-    print(json.dumps(s, indent=1) if args.json else format_text(s))
+    try:
+        print(json.dumps(s, indent=1) if args.json else format_text(s), flush=True)
+    except BrokenPipeError:  # the reader (| head) went away: not an error, and no traceback
+        sys.stderr.close()
     return 0
 
 

@@ -18,9 +18,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def adapt(*argv):
+    """The command's exit status (argparse's own errors exit from inside the parser)."""
     from microtrain.adapt import main
 
-    return main([str(a) for a in argv])
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
 
 
 @pytest.fixture()
@@ -46,9 +50,15 @@ def no_shared(tmp_path, monkeypatch):
     (["--support", "{tmp}/s", "--query", "{tmp}/q", "--data", "{tmp}/s"], "use one or the other"),
     (["--support", "{tmp}/s"], "--support and --query go together"),
     (["--sampler", "metadataset", "--shot", "3"], "--shot apply to the fixed sampler"),
-    (["--lr", "0"], "--lr must be a finite number > 0"),
-    (["--lr", "nan"], "--lr must be a finite number > 0"),
-    (["--momentum", "1"], "--momentum must be a finite number >= 0.0 and < 1.0"),
+    (["--lr", "0"], "argument --lr: must be a finite number > 0, got 0 (see python -m microtrain.adapt --help)"),
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--lr", "inf"], "argument --lr: must be a finite number > 0, got inf"),
+    (["--lr", "-0.001"], "argument --lr: must be a finite number > 0, got -0.001"),
+    (["--momentum", "1"], "argument --momentum: must be a finite number >= 0 and < 1, got 1"),
+    (["--momentum", "nan"], "argument --momentum: must be a finite number >= 0 and < 1, got nan"),
+    (["--weight-decay", "inf"], "argument --weight-decay: must be a finite number >= 0, got inf"),
+    (["--scale", "0"], "argument --scale: must be a finite number > 0, got 0"),
+    (["--way", "two"], "argument --way: invalid int value: 'two'"),
     (["--batch", "0"], "--batch must be >= 1"),
     (["--model", "resnet50"], "not a known backbone"),
     (["--model", "{tmp}/missing.npz"], "no such file"),
@@ -123,6 +133,21 @@ def test_report_is_strict_json_with_null_and_files_follow_the_umask(tiny_task, t
     for name in ("report.json", "classifier.npz"):
         assert ((out / name).stat().st_mode & 0o777) == 0o666 & ~umask
     assert sorted(p.name for p in out.iterdir()) == ["classifier.npz", "report.json"]
+
+
+def test_json_to_a_reader_that_went_away_is_not_an_error(tiny_task, tmp_path):
+    """``adapt --json | head``: the report cannot all be printed, which is no failure of the run
+    (exit status 0, no traceback); the files are written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the report is printed
+    try:
+        result = subprocess.run([sys.executable, "-m", "microtrain.adapt", *map(str, tiny_task), "--json", "--out",
+                                 str(tmp_path / "o")], stdout=write_end, stderr=subprocess.PIPE, text=True,
+                                cwd=REPO, timeout=300)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["classifier.npz", "report.json"]
 
 
 def test_quiet_prints_nothing_and_plan_prints_every_buffer(tiny_task, tmp_path, capsys):

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import grid_inputs
 from microtrain import evaluate, evaluation
-from microtrain.adapt import _resolve_model
+from microtrain.adapt import resolve_model
 from microtrain.evaluation_report import _label_offsets
 from microtrain.stats import t_quantile
 from microtrain.tinytrain import fulltrain_backward_macs
@@ -41,8 +41,8 @@ def files(out: Path) -> dict[Path, int]:
     return {p: p.stat().st_mtime_ns for p in sorted((out / "episodes").rglob("*.json"))}
 
 
-def test_resolve_model_takes_a_weight_file(inputs):
-    net = _resolve_model(str(inputs[0]))
+def testresolve_model_takes_a_weight_file(inputs):
+    net = resolve_model(str(inputs[0]))
     assert net.name == "tiny" and net.resolution == 16
 
 
@@ -69,7 +69,7 @@ def test_run_records_reports_and_resumes(inputs, tmp_path, capsys):
         assert none["backward_macs"] == 0 and none["memory"] is None
         assert tiny["selection"] and 0 < tiny["memory"]["backward_planned_bytes"] <= 1024 ** 2
         # --mac-budget 100%: all of FullTrain's backward MACs per image
-        assert 0 < tiny["backward_macs"] <= tiny["budgets"]["macs"] == fulltrain_backward_macs(_resolve_model(str(weights)))
+        assert 0 < tiny["backward_macs"] <= tiny["budgets"]["macs"] == fulltrain_backward_macs(resolve_model(str(weights)))
         assert tiny["losses"]["steps"] == 2 * 6
         assert tiny["finetune"]["epochs"] == 2 and 0 <= tiny["accuracy_after"] <= 1
         assert "error" not in none and "error" not in tiny
@@ -215,6 +215,17 @@ def test_seeds_round_trip():
     assert evaluation.parse_seeds("7") == [7]
 
 
+def test_the_usage_line_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: {evaluate.PROG} [-h] {{run,report,estimate}} ...")
+    assert "COMMAND --help (COMMAND: run, report or estimate)" in text
+    for command in ("run", "report", "estimate"):
+        assert f"\n    {command} " in text  # and described below it
+
+
 def test_help_documents_the_options(capsys):
     with pytest.raises(SystemExit) as exc:
         evaluate.main(["run", "--help"])
@@ -318,9 +329,17 @@ def test_protocol_presets():
 
 @pytest.mark.parametrize("extra,message", [
     (["--batch", "1,magic=4"], "unknown method 'magic'"),
-    (["--batch", "0"], "cannot read '0'"),
+    (["--batch", "0"], "argument --batch: '0' is not an integer > 0"),
     (["--batch", "1,fulltrain=100,fulltrain=50"], "given twice"),
-    (["--lr", "fast"], "cannot read 'fast'"),
+    (["--lr", "fast"], "argument --lr: cannot read 'fast' as a number"),
+    # refused while parsing, not when a task's loss turns NaN (or its JSON record cannot be written)
+    (["--lr", "nan"], "argument --lr: 'nan' is not a finite number > 0"),
+    (["--lr", "3e-3,fulltrain=inf"], "argument --lr: 3e-3,fulltrain=inf: 'inf' is not a finite number > 0"),
+    (["--lr", "0"], "argument --lr: '0' is not a finite number > 0"),
+    (["--momentum", "nan"], "argument --momentum: must be a finite number >= 0 and < 1, got nan"),
+    (["--momentum", "1.5"], "argument --momentum: must be a finite number >= 0 and < 1, got 1.5"),
+    (["--weight-decay", "inf"], "argument --weight-decay: must be a finite number >= 0, got inf"),
+    (["--scale", "0"], "argument --scale: must be a finite number > 0, got 0"),
     (["--mac-budget", "15%ofall"], "cannot read '15%ofall' as a MAC budget"),
     (["--protocol", "exact"], "invalid choice"),
 ])
@@ -329,6 +348,7 @@ def test_bad_per_method_options_are_one_line(inputs, tmp_path, capsys, extra, me
     assert evaluate.main(args(weights, data, tmp_path / "o", *extra)) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_mac_budget_share_is_of_fulltrains_backward_macs():
@@ -380,7 +400,7 @@ def test_paper_protocol_grid_on_stand_in_meta_trained_backbones(inputs, tmp_path
     rec = {(p.parent.name, int(p.stem)): json.loads(p.read_text())
            for p in (out / "episodes").rglob("*.json")}
     assert {m for m, _ in rec} == set(evaluation.PAPER_METHODS)
-    net = _resolve_model(str(weights))
+    net = resolve_model(str(weights))
     for seed in (0, 1):
         full, tinytl, tiny = rec[("fulltrain", seed)], rec[("tinytl", seed)], rec[("tinytrain", seed)]
         n, way = full["support_size"], full["way"]

@@ -83,7 +83,9 @@ def test_no_writable_cache_location_falls_back_to_a_private_temp_folder(tmp_path
     (tmp_path / "home").write_text("not a folder")
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH")}
+    # the user's MICROTRAIN_HOME or XDG_CACHE_HOME would name a writable user cache folder
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NUMBA_CACHE_DIR", "PYTHONPATH", "XDG_CACHE_HOME") and not k.startswith("MICROTRAIN_")}
     env.update(HOME=str(tmp_path / "home"), TMPDIR=str(temp), PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "microtrain.adapt", "--help"]
 

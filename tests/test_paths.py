@@ -47,6 +47,26 @@ def test_in_a_checkout_the_shared_folder_is_beside_it(clean_env):
     assert paths.shared_dir() == Path("/data/shared")
 
 
+def test_a_missing_shared_file_says_where_the_folder_was_looked_for(clean_env, tmp_path):
+    """One line naming the file and whether MICROTRAIN_SHARED (and its value) or the checkout's
+    ../shared chose the folder."""
+    clean_env.setattr(paths, "checkout_root", lambda: tmp_path / "repo")
+    with pytest.raises(paths.MissingSharedError) as beside:
+        paths.shared_file("data", "x.zip")
+    assert str(beside.value) == (f"{tmp_path / 'shared' / 'data' / 'x.zip'} not found (the shared folder is looked "
+                                 "for beside this checkout): set MICROTRAIN_SHARED to the folder holding "
+                                 "checkpoints/ and data/")
+    clean_env.setenv("MICROTRAIN_SHARED", str(tmp_path / "elsewhere"))
+    with pytest.raises(paths.MissingSharedError) as chosen:
+        paths.shared_file("data", "x.zip")
+    assert str(chosen.value) == (f"{tmp_path / 'elsewhere' / 'data' / 'x.zip'} not found (MICROTRAIN_SHARED="
+                                 f"{tmp_path / 'elsewhere'}): set MICROTRAIN_SHARED to the folder holding "
+                                 "checkpoints/ and data/")
+    (tmp_path / "elsewhere" / "data").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "data" / "x.zip").write_bytes(b"")
+    assert paths.shared_file("data", "x.zip") == tmp_path / "elsewhere" / "data" / "x.zip"
+
+
 def test_an_installed_copy_needs_MICROTRAIN_SHARED_and_writes_only_to_the_user_cache(tmp_path):
     """The package copied alone (as pip installs it: no pyproject.toml beside it), imported from
     another folder: no shared folder is guessed, Numba's cache goes to the user cache."""

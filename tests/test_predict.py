@@ -34,9 +34,13 @@ def adapted(tmp_path_factory):
 
 
 def predict(*argv):
+    """The command's exit status (argparse's own errors exit from inside the parser)."""
     from microtrain.predict import main
 
-    return main([str(a) for a in argv])
+    try:
+        return main([str(a) for a in argv])
+    except SystemExit as exc:
+        return exc.code
 
 
 def test_query_folder_gives_the_reports_accuracy(adapted, capsys):
@@ -101,6 +105,9 @@ def test_loose_images_non_images_and_unknown_folders(adapted, capsys, tmp_path):
     (lambda tmp, clf: [clf, tmp / "empty"], "no images found"),
     (lambda tmp, clf: [clf, tmp / "broken.png"], "not a decodable image"),
     (lambda tmp, clf: [clf, tmp, "--top-k", "0"], "--top-k must be >= 1"),
+    (lambda tmp, clf: [clf, tmp, "--top-k", "two"], "error: argument --top-k: invalid int value: 'two' (see "
+                                                    "python -m microtrain.predict --help)"),
+    (lambda tmp, clf: [clf, tmp, "--json", "--csv"], "argument --csv: not allowed with argument --json"),
 ])
 def test_bad_input_is_one_line_and_exit_2(adapted, capsys, tmp_path, make, message):
     from task_files import tiny_weights
@@ -121,3 +128,25 @@ def test_runs_as_a_command(adapted, tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert len([line for line in result.stdout.splitlines() if line.startswith(str(query))]) == 9
+
+
+def test_list_image_files_finds_what_predict_classifies(tmp_path):
+    """data.list_image_files, the public listing predict reads through: a folder recursively
+    (sorted, hidden files and loops left out, non-images counted), a file given alone whatever
+    its name, one line for a path that does not exist; nothing is read until asked."""
+    from microtrain.data import DataError, list_image_files
+
+    root = tmp_path / "photos"
+    for rel in ("cat/1.png", "cat/sub/2.jpg", "dog/3.png", ".hidden/4.png", "cat/notes.txt", "5.png"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(rel.encode())
+    (root / "dog" / "all").symlink_to(root, target_is_directory=True)  # a loop: skipped, named
+    found, notes = list_image_files(root)
+    assert [f.shown for f in found] == [str(root / r) for r in ("5.png", "cat/1.png", "cat/sub/2.jpg", "dog/3.png")]
+    assert [f.folders for f in found] == [("photos",), ("photos", "cat"), ("photos", "cat", "sub"), ("photos", "dog")]
+    assert found[2].read() == b"cat/sub/2.jpg"
+    assert len(notes) == 2 and "dog/all ->" in notes[0] and notes[1].endswith("(1 .txt)")
+    alone, notes = list_image_files(root / "cat" / "notes.txt")
+    assert [(f.shown, f.folders) for f in alone] == [(str(root / "cat" / "notes.txt"), ("cat",))] and notes == []
+    with pytest.raises(DataError, match=r"nowhere: no such file or directory$"):
+        list_image_files(tmp_path / "nowhere")

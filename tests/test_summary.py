@@ -70,3 +70,20 @@ def test_cli_bad_file_one_line_exit_2(tmp_path, content):
     result = subprocess.run([sys.executable, "-m", "microtrain.summary", str(path)], capture_output=True, text=True)
     assert result.returncode == 2 and result.stdout == ""
     assert len(result.stderr.splitlines()) == 1 and "error:" in result.stderr
+
+
+def test_cli_to_a_reader_that_went_away_is_not_an_error(tmp_path):
+    """``python -m microtrain.summary mcunet-5fps | head -3``: exit status 0, no traceback."""
+    import os
+
+    from task_files import tiny_weights
+
+    path = tiny_weights(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        result = subprocess.run([sys.executable, "-m", "microtrain.summary", str(path)], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0 and result.stderr == ""

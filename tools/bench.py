@@ -668,26 +668,56 @@ def _compare(mt_step_us, mt_groups, torch_step_us, torch_groups, torch_plain_us)
           f"{torch_plain_us:.0f})")
 
 
-def _parse_batches(text: str) -> list[int]:
+def _batch_sizes(text: str) -> list[int]:
+    """``--batch``: '1,25,100' -> [1, 25, 100], batch 1 added when a larger size is asked (the
+    per-image target compares against it). An argparse type: a bad value is argparse's one-line
+    error, exit status 2."""
     try:
         batches = sorted({int(b) for b in text.split(",") if b.strip()})
     except ValueError:
-        raise SystemExit(f"--batch takes comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"takes comma-separated integers, got {text!r}") from None
     if not batches or batches[0] < 1:
-        raise SystemExit(f"--batch sizes must be >= 1, got {text!r}")
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {text!r}")
     if batches[-1] > 1 and batches[0] != 1:
-        batches.insert(0, 1)  # the per-image target compares against batch 1
+        batches.insert(0, 1)
     return batches
 
 
-def _parse_methods(text: str | None, batches: list[int]) -> list[str]:
-    if text is None:  # a batched run is about the method meta-training uses
-        return list(STEP_METHODS) if batches == [1] else ["fulltrain"]
+def _method_names(text: str) -> list[str]:
+    """``--methods``: comma-separated names from STEP_METHODS, in STEP_METHODS order (an argparse type)."""
     methods = [m for m in text.split(",") if m]
     bad = [m for m in methods if m not in STEP_METHODS]
     if bad or not methods:
-        raise SystemExit(f"--methods: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(STEP_METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(bad) or '(none)'}; choose from {', '.join(STEP_METHODS)}")
     return [m for m in STEP_METHODS if m in methods]
+
+
+def _backbone_names(text: str) -> list[str]:
+    """``--backbones``: comma-separated names from BACKBONES (an argparse type)."""
+    names = [b for b in text.split(",") if b]
+    bad = [b for b in names if b not in BACKBONES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(bad) or '(none)'}; choose from {', '.join(BACKBONES)}")
+    return names
+
+
+def _positive_int(text: str) -> int:
+    """``--threads``, ``--repeats``, ...: an integer >= 1 (an argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _step_methods(methods: list[str] | None, batches: list[int]) -> list[str]:
+    """The methods asked, or by default every one at batch 1 and, when a larger batch is asked,
+    fulltrain (what meta-training runs)."""
+    if methods is not None:
+        return methods
+    return list(STEP_METHODS) if batches == [1] else ["fulltrain"]
 
 
 def _batch_input(images, batch: int, to_input):
@@ -714,9 +744,8 @@ def cmd_step(args) -> int:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    backbones = [b for b in args.backbones.split(",") if b]
-    batches = _parse_batches(args.batch)
-    methods = _parse_methods(args.methods, batches)
+    backbones, batches = args.backbones, args.batch
+    methods = _step_methods(args.methods, batches)
     print(f"bench.py step: one training step at batch {', '.join(map(str, batches))}; methods {', '.join(methods)}; "
           f"median of {args.repeats} interleaved batches (>= 50 ms each) after warm-up; numpy {np.__version__}, "
           f"torch {torch.__version__}")
@@ -970,37 +999,37 @@ def cmd_rss(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=_positive_int, default=None,
                         help="threads for numba, torch and OpenBLAS (kernels: default 1; step, rss: default "
                              "each library's own)")
-    parser.add_argument("--repeats", type=int, default=15, help="batches per median (default 15)")
+    parser.add_argument("--repeats", type=_positive_int, default=15, help="batches per median (default 15)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("kernels", help="per-kernel times next to PyTorch at the MCUNet target shapes")
-    p.add_argument("--threads", type=int, default=argparse.SUPPRESS, help="threads (default 1)")
-    p.add_argument("--repeats", type=int, default=argparse.SUPPRESS, help="batches per median (default 15)")
+    p.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS, help="threads (default 1)")
+    p.add_argument("--repeats", type=_positive_int, default=argparse.SUPPRESS, help="batches per median (default 15)")
     p.set_defaults(func=cmd_kernels)
     p = sub.add_parser("step", help="one whole training step per method next to PyTorch, three backbones")
-    p.add_argument("--backbones", default=",".join(BACKBONES), help="comma-separated (default %(default)s)")
+    p.add_argument("--backbones", type=_backbone_names, default=",".join(BACKBONES), help="comma-separated (default %(default)s)")
     # Accepted after the subcommand too; SUPPRESS keeps a value given before it.
-    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+    p.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS,
                    help="set both libraries' thread counts (default: each library's own)")
-    p.add_argument("--repeats", type=int, default=argparse.SUPPRESS, help="batches per median (default 15)")
+    p.add_argument("--repeats", type=_positive_int, default=argparse.SUPPRESS, help="batches per median (default 15)")
     p.add_argument("--profile", choices=("missed", "all", "off"), default="missed",
                    help="profile microtrain's step of the MCUNet methods that miss their target or were "
                         "measured under load (default), of every method on every backbone, or none")
-    p.add_argument("--batch", default="1",
+    p.add_argument("--batch", type=_batch_sizes, default="1",
                    help="comma-separated batch sizes (default 1); with a size > 1, batch 1 is measured too "
                         "(the time-per-image target compares against it)")
-    p.add_argument("--methods", default=None,
+    p.add_argument("--methods", type=_method_names, default=None,
                    help=f"comma-separated, from {','.join(STEP_METHODS)} (default: all at batch 1 only; "
                         f"fulltrain, the method meta-training runs, when a larger batch is asked)")
-    p.add_argument("--profile-steps", type=int, default=50,
+    p.add_argument("--profile-steps", type=_positive_int, default=50,
                    help="images per profile: steps = max(3, this / batch) (default %(default)s)")
     p.set_defaults(func=cmd_step)
     p = sub.add_parser("rss", help="peak RSS and wall time of a whole adaptation, microtrain vs PyTorch")
-    p.add_argument("--threads", type=int, default=argparse.SUPPRESS,
+    p.add_argument("--threads", type=_positive_int, default=argparse.SUPPRESS,
                    help="thread count for both children (default: each library's own)")
-    p.add_argument("--runs", type=int, default=1, help="runs of each, alternating (default %(default)s)")
+    p.add_argument("--runs", type=_positive_int, default=1, help="runs of each, alternating (default %(default)s)")
     p.set_defaults(func=cmd_rss)
     return parser
 
@@ -1026,8 +1055,6 @@ def main(argv=None) -> int:
             if before[key] is None:
                 os.environ.pop(key, None)
     elif args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("--threads must be >= 1")
         wanted = {key: str(args.threads) for key in THREAD_ENV}
         if args.command == "step":  # microtrain's threads split the batch, one BLAS thread in each
             wanted.update(OPENBLAS_NUM_THREADS="1", MICROTRAIN_THREADS=str(args.threads))

@@ -50,9 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("--verbose", action="store_true", help="list every buffer")
     args = p.parse_args(argv)
     if args.model:
-        from microtrain.adapt import _resolve_model
+        from microtrain.adapt import resolve_model
 
-        net = _resolve_model(args.model)
+        net = resolve_model(args.model)
     else:
         net = demo_network()
     if args.batch < 1:
