@@ -38,7 +38,6 @@ from .pipeline import adapt_episode, json_ready
 from .tinytrain import BudgetError, fulltrain_backward_macs
 from .train import FinetuneConfig, TrainingDiverged
 
-_write_atomic = write_atomic  # the name metatrain.py imports (paths.write_atomic elsewhere)
 
 DEFAULT_MODEL = "mcunet-5fps"
 DEFAULT_DATA = "traffic_sign.zip"
@@ -268,7 +267,6 @@ def resolve_model(spec: str, log=None):
     return model.load(backbone_file(spec, log=log))
 
 
-_resolve_model = resolve_model  # the name metatrain.py imports
 
 
 def _load_episode(args, resolution: int):

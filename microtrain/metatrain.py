@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapt import UsageError, _resolve_model, _write_atomic, exit_status
+from .adapt import UsageError, exit_status, resolve_model
 from .autograd import Executor
 from .checkpoint import CheckpointError, save_weights
 from .data import DataError, augment, open_dataset, to_input
@@ -41,7 +41,7 @@ from .episodes import sample_episode
 from .methods import full_update
 from .model import Network
 from .optim import SGD
-from .paths import MissingSharedError, shared_file
+from .paths import MissingSharedError, shared_file, write_atomic
 from .stats import mean_ci
 from .train import TrainingDiverged, prototype_accuracy
 
@@ -208,7 +208,7 @@ def save_state(path: Path, state: dict, net: Network, best: dict[str, np.ndarray
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    _write_atomic(path, write)
+    write_atomic(path, write)
 
 
 def load_state(path: Path) -> tuple[dict, dict, dict, dict]:
@@ -315,7 +315,7 @@ def metatrain(args, log=print) -> dict:
         raise UsageError(f"--out must name a .npz weight file, got {out}")
     _check_writable(out.parent)
     files = _source_files(args)
-    net = _resolve_model(args.model)
+    net = resolve_model(args.model)
     base = {"name": net.name, "sha256": net.arch["source"]["sha256"], "file": net.arch["source"]["file"]}
     if "meta_training" in net.arch:
         raise UsageError(f"{args.model} is already meta-trained; start from an ImageNet backbone")
@@ -388,7 +388,7 @@ def metatrain(args, log=print) -> dict:
     # the base network afresh: training changed ``net`` in place
     test_acc = {name: dict(zip(("accuracy", "ci95"), accuracy_ci(evaluate_episodes(
         n, test, cfg.val_episodes, TEST_SEED, cfg.way, cfg.shot, cfg.query))))
-        for name, n in (("before", _resolve_model(args.model)), ("after", Network(net.arch, best)))}
+        for name, n in (("before", resolve_model(args.model)), ("after", Network(net.arch, best)))}
     log(f"  test classes: {test_acc['before']['accuracy']:.2f}% before, {test_acc['after']['accuracy']:.2f}% after")
     provenance = {
         "base": base, "data": data, "config": dataclasses.asdict(cfg),

@@ -6,7 +6,6 @@ provenance recorded in the output, and one-line errors for bad arguments."""
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import signal
@@ -73,9 +72,9 @@ def test_schedule_warms_up_then_anneals_to_the_floor():
 
 def test_training_lowers_the_episode_loss(source):
     data, weights = source
-    from microtrain.adapt import _resolve_model
+    from microtrain.adapt import resolve_model
 
-    net = _resolve_model(str(weights))
+    net = resolve_model(str(weights))
     cfg = mt.MetaConfig(episodes=40, way=2, shot=2, query=2, peak_lr=0.05, augment=False)
     trainer = mt.MetaTrainer(net, cfg)
     train = mt.EpisodeSource(data / "miniimagenet_train.zip", net.resolution, cache=True)
@@ -146,10 +145,10 @@ def test_output_records_its_provenance(source, tmp_path):
     best = max(p["meta_validation"]["history"], key=lambda h: h["accuracy"])
     assert p["meta_validation"]["best"]["accuracy"] == best["accuracy"]
     # the in-domain check scores the base network and the best weights, each on the same episodes
-    from microtrain.adapt import _resolve_model
+    from microtrain.adapt import resolve_model
 
     test = mt.EpisodeSource(data / "miniimagenet_test.zip", 16)
-    for key, net in (("before", _resolve_model(str(weights))), ("after", mt.Network(arch, arrays))):
+    for key, net in (("before", resolve_model(str(weights))), ("after", mt.Network(arch, arrays))):
         acc = mt.evaluate_episodes(net, test, 3, mt.TEST_SEED, 2, 2, 2)
         assert p["meta_test"][key]["accuracy"] == pytest.approx(100 * acc.mean())
     assert "--episodes 8" in p["command"]
@@ -185,7 +184,7 @@ def test_meta_trained_backbones_are_named_in_every_front_door(tmp_path, monkeypa
     """``mcunet-5fps-meta`` (etc.) resolve to the committed files in weights/; a missing one is a
     one-line error that says where they come from."""
     from microtrain import checkpoint, summary
-    from microtrain.adapt import _resolve_model
+    from microtrain.adapt import resolve_model
 
     arch = {**small_arch(), "source": {"file": "tiny.pth", "sha256": "0" * 64, "kind": "torch-state-dict"},
             "meta_training": {"base": {"name": "tiny"}, "episodes": 8, "best_episode": 4,
@@ -193,7 +192,7 @@ def test_meta_trained_backbones_are_named_in_every_front_door(tmp_path, monkeypa
     monkeypatch.setattr(checkpoint, "META_DIR", tmp_path)
     save_weights(tmp_path / "mcunet-5fps-meta.npz", arch, random_arrays(arch))
     assert checkpoint.backbone_file("mcunet-5fps-meta") == tmp_path / "mcunet-5fps-meta.npz"
-    assert _resolve_model("mcunet-5fps-meta").arch["meta_training"]["episodes"] == 8
+    assert resolve_model("mcunet-5fps-meta").arch["meta_training"]["episodes"] == 8
     assert summary.main(["mcunet-5fps-meta"]) == 0
     assert "50.00% -> 61.50%" in capsys.readouterr().out
     assert summary.main(["mbv2-w0.35-meta"]) == 2
