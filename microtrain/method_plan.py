@@ -30,6 +30,7 @@ class MethodPlan:
     momentum: float | None = None  # overrides the fine-tuning momentum (SparseUpdate: plain SGD)
     lr: float = 0.0  # the method's default learning rate, used when the user gives none
     info: dict = field(default_factory=dict)
+    row_scales: dict | None = None  # per-channel step multipliers (optim.SGD), TinyTrain+'s preconditioner
 
     @property
     def trains(self) -> bool:

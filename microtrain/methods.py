@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from . import tinytrain
+from . import tinytrain, tinytrain_plus
 from .data import augment, to_input
 from .method_plan import Budgets, MethodPlan
 from .model import Network
@@ -20,7 +20,7 @@ from .tinytl import plan_tinytl
 from .train import class_prototypes, embed
 
 METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytl", "tinytrain",
-           "tinytrain-fisher", "tinytrain-random", "tinytrain-l2")
+           "tinytrain-fisher", "tinytrain-random", "tinytrain-l2", "tinytrain-plus")
 
 # Learning rate of each method when the user gives none, from the validation sweeps of
 # tools/tune_finetune.py (README, "Fine-tuning defaults"). Full updates of these BN-folded
@@ -30,6 +30,8 @@ DEFAULT_LR = {"tinytrain": 3e-3, "fulltrain": 1e-4, "lastlayer": 3e-3, "sparseup
 
 
 def default_lr(method: str) -> float:
+    if method == "tinytrain-plus":
+        return tinytrain_plus.PlusRule().lr
     return DEFAULT_LR[method.partition("-")[0]]
 
 
@@ -58,6 +60,11 @@ def plan_method(method: str, net: Network, support: np.ndarray, labels: np.ndarr
         plan = plan_sparse_update(net)
     elif method == "tinytl":
         plan = plan_tinytl(net, seed)
+    elif method.partition(":")[0] == "tinytrain-plus":
+        # "tinytrain-plus:reach=0.7/groups=4" runs a variant of the rule (the design log's syntax)
+        plan = plan_tinytrain_plus(net, support, labels, budgets, scale, seed, embeddings=embeddings,
+                                   rule=tinytrain_plus.PlusRule.parse(method.partition(":")[2]))
+        plan.method = method
     elif method.startswith("tinytrain"):
         variant = method.partition("-")[2]
         plan = plan_tinytrain(net, support, labels, budgets, scale, momentum, seed, embeddings=embeddings,
@@ -67,7 +74,7 @@ def plan_method(method: str, net: Network, support: np.ndarray, labels: np.ndarr
     else:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     plan.seconds = time.perf_counter() - start
-    plan.lr = default_lr(method)
+    plan.lr = plan.lr or default_lr(method)
     return plan
 
 
@@ -96,6 +103,17 @@ def plan_sparse_update(net: Network) -> MethodPlan:
                       info={"bias_layers": n_bias, "weight_layers": {net.layers[i].name: k for i, k in weights.items()}})
 
 
+def support_fisher(net: Network, support: np.ndarray, labels: np.ndarray, scale: float, rng: np.random.Generator,
+                   embeddings: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """TinyTrain's Fisher information Delta_o (Eq. 2) of every conv layer on a support set (uint8
+    (N, 3, R, R), int64 labels): the gradients are those of the fine-tuning loss, augmented support
+    images (drawn from ``rng``) as pseudo-queries against the support prototypes."""
+    protos = class_prototypes(embed(net, support) if embeddings is None else embeddings, labels,
+                              int(labels.max()) + 1)
+    pseudo_queries = lambda chunk: to_input(np.stack([augment(img, rng) for img in chunk]))  # noqa: E731
+    return tinytrain.fisher_information(net, support, labels, protos, scale, prepare=pseudo_queries)
+
+
 def plan_tinytrain(net: Network, support: np.ndarray, labels: np.ndarray, budgets: Budgets, scale: float,
                    momentum: bool, seed: int, use_costs: bool = True, static_channels: str | None = None,
                    embeddings: np.ndarray | None = None) -> MethodPlan:
@@ -105,11 +123,8 @@ def plan_tinytrain(net: Network, support: np.ndarray, labels: np.ndarray, budget
     ('random' or 'l2') keeps TinyTrain's layers and channel counts but picks the channels at random
     or by the L2 norm of their weights instead of by Fisher information."""
     ways = int(labels.max()) + 1
-    protos = class_prototypes(embed(net, support) if embeddings is None else embeddings, labels, ways)
-    # The gradients are those of the fine-tuning loss: augmented support images as pseudo-queries.
     rng = np.random.default_rng(seed)
-    pseudo_queries = lambda chunk: to_input(np.stack([augment(img, rng) for img in chunk]))  # noqa: E731
-    delta = tinytrain.fisher_information(net, support, labels, protos, scale, prepare=pseudo_queries)
+    delta = support_fisher(net, support, labels, scale, rng, embeddings)
     potential = tinytrain.fisher_potential(delta)
     scores = tinytrain.multi_objective_scores(net.layers, potential, use_costs)
     graph = net.protonet_graph(1, ways, scale)
@@ -120,6 +135,31 @@ def plan_tinytrain(net: Network, support: np.ndarray, labels: np.ndarray, budget
     return MethodPlan("tinytrain", result.selection, choices=choices,
                       info={"planned_backward_bytes": result.costs.memory, "backward_macs": result.costs.macs,
                             "potential": potential, "scores": scores})
+
+
+def plan_tinytrain_plus(net: Network, support: np.ndarray, labels: np.ndarray, budgets: Budgets, scale: float,
+                        seed: int, embeddings: np.ndarray | None = None, rule=None) -> MethodPlan:
+    """TinyTrain+ (``microtrain.tinytrain_plus``): biases of every layer the backward reaches plus
+    the weight channel groups with the most measured Fisher information per unit of both budgets.
+    ``rule`` (a ``PlusRule``) overrides the validated defaults, including the learning rate and
+    momentum fine-tuning uses."""
+    rule = tinytrain_plus.PlusRule() if rule is None else rule
+    ways = int(labels.max()) + 1
+    protos = class_prototypes(embed(net, support) if embeddings is None else embeddings, labels, ways)
+    result = tinytrain_plus.plan(net, support, labels, budgets.memory, budgets.macs, scale, rule.momentum > 0, seed, protos, rule)
+    # (layer, weight rows trained, out channels, their Fisher value): every layer from the depth on
+    # trains its biases, some also weight rows
+    worth = {}
+    for g in result.groups:
+        worth[g.layer] = worth.get(g.layer, 0.0) + g.value
+    choices = [(name, 0 if upd.weight is None else len(upd.weight), net.layer(name).out_channels,
+                worth.get(name, 0.0)) for name, upd in result.selection.layers.items()]
+    return MethodPlan("tinytrain-plus", result.selection, choices=choices, momentum=rule.momentum, lr=rule.lr,
+                      row_scales=result.row_scales,
+                      info={"planned_backward_bytes": result.costs.memory, "backward_macs": result.costs.macs,
+                            "depth": net.layers[result.depth].name, "fisher_value": result.value,
+                            "rule": rule.text(),
+                            "value_by_depth": {net.layers[d].name: v for d, v in result.by_depth.items()}})
 
 
 def _static_channels(net: Network, selection: Selection, how: str, rng: np.random.Generator) -> Selection:

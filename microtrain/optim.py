@@ -12,21 +12,32 @@ class SGD:
     never written.
     """
 
-    def __init__(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0):
+    def __init__(self, lr: float, momentum: float = 0.0, weight_decay: float = 0.0,
+                 row_scales: dict[str, tuple[np.ndarray | None, np.ndarray | None]] | None = None):
+        """``row_scales``: layer name -> (weight, bias) step multipliers, one per trained output
+        channel in the selection's order ((rows,) float32 each, or None for 1): a diagonal
+        preconditioner fixed before training (TinyTrain+'s per-channel RMS normalisation)."""
         if lr <= 0 or momentum < 0 or weight_decay < 0:
             raise ValueError(f"SGD: lr must be > 0 and momentum, weight_decay >= 0 "
                              f"(got {lr}, {momentum}, {weight_decay})")
         self.lr, self.momentum, self.weight_decay = float(lr), float(momentum), float(weight_decay)
+        self.row_scales = {}
+        for name, parts in (row_scales or {}).items():
+            # shaped once to broadcast over a compact gradient (rows, ...): no allocation per step
+            self.row_scales[name] = tuple(None if a is None else np.asarray(a, np.float32) for a in parts)
 
     def step(self, run) -> None:
         for node, upd in run.trained():
             dw, db = run.grad(node.name)
             mw, mb = run.master(node.name)
             vw, vb = run.momentum(node.name)
-            for grad, master, velocity, rows, param in ((dw, mw, vw, upd.weight, node.weight),
-                                                        (db, mb, vb, upd.bias, node.bias)):
+            scales = self.row_scales.get(node.name, (None, None))
+            for grad, master, velocity, rows, param, scale in ((dw, mw, vw, upd.weight, node.weight, scales[0]),
+                                                               (db, mb, vb, upd.bias, node.bias, scales[1])):
                 if grad is None:
                     continue
+                if scale is not None:  # in place on the gradient buffer, dead after this step
+                    np.multiply(grad, scale.reshape((-1,) + (1,) * (grad.ndim - 1)), out=grad)
                 self._update(master, grad, velocity)
                 if param is node.weight and upd.inputs is not None:
                     for j, row in enumerate(rows):  # row by row: a 2-D fancy index would allocate

@@ -80,7 +80,7 @@ def adapt_episode(net: Network, support: np.ndarray, support_labels: np.ndarray,
                   query_labels: np.ndarray, method: str, budgets: Budgets, cfg: FinetuneConfig,
                   log: Callable[[str], None] = lambda line: None, progress=None,
                   load_seconds: float = 0.0, keep_best: bool = False, plan_buffers: bool = False,
-                  warn: Callable[[str], None] | None = None) -> dict:
+                  warn: Callable[[str], None] | None = None, plan: MethodPlan | None = None) -> dict:
     """Adapt ``net`` in place to a support set (uint8 (N, 3, R, R), int64 labels) and score it on
     the query set (the same layout).
 
@@ -88,7 +88,8 @@ def adapt_episode(net: Network, support: np.ndarray, support_labels: np.ndarray,
     pre-adaptation weights when it makes them worse (module docstring); ``warn(line)`` hears
     that decision (default: ``log``). ``progress(step, total, loss, phase)`` follows each
     fine-tuning ("keep-best check", then "training"). ``plan_buffers``: put every buffer in
-    ``plan_table``. Returns a JSON-ready record (non-finite numbers as None): accuracies, the
+    ``plan_table``. ``plan``: a selection the caller decided (an analysis that trains one layer
+    at a time) instead of ``plan_method(method)``. Returns a JSON-ready record (non-finite numbers as None): accuracies, the
     selection, planned and allocated memory, backward MACs, the time split (load, selection,
     training, keep-best check; seconds) and the keep-best decision. Raises
     ``train.TrainingDiverged`` when the loss turns non-finite without ``keep_best``."""
@@ -109,8 +110,10 @@ def adapt_episode(net: Network, support: np.ndarray, support_labels: np.ndarray,
     if record["keep_best"] is not None and record["keep_best"]["kept"] == "pre-adaptation":
         plan = MethodPlan(method, Selection())  # nothing is trained: the network stays as it was
     else:
-        plan = plan_method(method, net, support, support_labels, budgets, cfg.scale, cfg.momentum > 0,
-                           seed=cfg.seed, embeddings=support_embeddings)
+        if plan is None:
+            plan = plan_method(method, net, support, support_labels, budgets, cfg.scale, cfg.momentum > 0,
+                               seed=cfg.seed, embeddings=support_embeddings)
+        record["selection_info"] = plan.info
         record["selection"] = [{"layer": n, "channels": k, "out_channels": c, "score": sc}
                                for n, k, c, sc in plan.choices]
         _log_selection(plan, log)
@@ -123,7 +126,8 @@ def adapt_episode(net: Network, support: np.ndarray, support_labels: np.ndarray,
     if plan.trains:
         phase = None if progress is None else (lambda *a: progress(*a, phase="training"))
         try:
-            result = finetune(net, plan.selection, support, support_labels, cfg, phase, plan.block_hook)
+            result = finetune(net, plan.selection, support, support_labels, cfg, phase, plan.block_hook,
+                              plan.row_scales)
         except TrainingDiverged as exc:  # finetune restored the original weights
             if record["keep_best"] is None:
                 raise
@@ -211,7 +215,8 @@ def _check(net: Network, support, support_labels, query, query_labels, support_e
     before = {name: (w.copy(), b.copy()) for name, (w, b) in net.params.items() if name in plan.selection.layers}
     phase = None if progress is None else (lambda *a: progress(*a, phase="keep-best check"))
     try:
-        finetune(net, plan.selection, train, train_labels, _method_config(plan, cfg), phase, plan.block_hook)
+        finetune(net, plan.selection, train, train_labels, _method_config(plan, cfg), phase, plan.block_hook,
+                 plan.row_scales)
         adapted = embed(net, support, block_hook=plan.block_hook)
         acc, loss = held_out_scores(adapted[train_idx], train_labels, adapted[held_idx], held_labels, ways, cfg.scale)
         decision.update(accuracy_after=acc, loss_after=loss, correct_after=int(round(acc * len(held_idx))),

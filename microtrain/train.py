@@ -111,8 +111,9 @@ def _embed_in_arena(run: Executor, images: np.ndarray, protos: np.ndarray) -> np
 
 def finetune(net: Network, selection: Selection, support: np.ndarray, labels: np.ndarray,
              cfg: FinetuneConfig, progress: Callable[[int, int, float], None] | None = None,
-             block_hook=None) -> FinetuneResult:
+             block_hook=None, row_scales: dict | None = None) -> FinetuneResult:
     """Fine-tune the selected rows of ``net`` in place on a support set (uint8 (N, 3, R, R)).
+    ``row_scales`` multiplies each trained channel's step (``optim.SGD``).
 
     Each of ``cfg.epochs`` passes takes ceil(N / B) steps of B = min(cfg.batch, N) pseudo-queries
     (a batch larger than the support set is the whole set, as a data loader would give it). Every
@@ -126,7 +127,7 @@ def finetune(net: Network, selection: Selection, support: np.ndarray, labels: np
     batch = min(cfg.batch, n)
     graph = net.protonet_graph(batch, ways, cfg.scale, block_hook)
     run = Executor(graph, selection, momentum=cfg.momentum > 0)
-    opt = SGD(cfg.lr, cfg.momentum, cfg.weight_decay)
+    opt = SGD(cfg.lr, cfg.momentum, cfg.weight_decay, row_scales)
     backup = [(node, node.weight.copy(), node.bias.copy()) for node, _ in run.trained()]
     rng = np.random.default_rng(cfg.seed)
     steps_per_epoch = -(-n // batch)

@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("network", ("lite_residual", "model")),
     ("episodes", ("episodes",)),
     ("training", ("train",)),
-    ("methods", ("method_plan", "tinytrain", "tinytl", "methods")),
+    ("methods", ("method_plan", "tinytrain", "tinytrain_plus", "tinytl", "methods")),
     ("pipeline", ("pipeline", "classifier")),
     ("commands", ("adapt", "predict", "evaluation", "evaluation_report", "cluster", "evaluate", "metatrain", "summary",
                   "__init__")),
