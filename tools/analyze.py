@@ -197,9 +197,9 @@ class Context:
 
     def budgets(self, net):
         from microtrain.adapt import parse_macs
-        from microtrain.methods import Budgets
+        from microtrain.method_plan import Budgets
 
-        return Budgets(self.settings["mem_budget_bytes"], parse_macs(self.settings["mac_budget"], net.forward_macs))
+        return Budgets(self.settings["mem_budget_bytes"], parse_macs(self.settings["mac_budget"], net))
 
     def episode(self, domain: str, seed: int, resolution: int):
         """(episode, decoded images); the last one is kept, as consecutive tasks share it."""
