@@ -146,7 +146,10 @@ def test_interrupt_keeps_finished_tasks_only(inputs, tmp_path):
     cmd = [sys.executable, "-m", "microtrain.evaluate", *args(weights, data, out, methods="none,tinytrain")]
     cmd[cmd.index("--episodes") + 1] = "30"
     cmd[cmd.index("--epochs") + 1] = "40"
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
+    # inherited SIG_IGN: give the run the default disposition, as a terminal would.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         while "[ 1/60]" not in proc.stdout.readline():
             assert proc.poll() is None, proc.stderr.read()

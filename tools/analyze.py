@@ -157,7 +157,7 @@ def record_path(out: Path, kind: str, backbone: str, domain: str, key: str, seed
 
 
 def read_records(out: Path, kind: str) -> list[dict]:
-    ev, rep = _ev(), _rep()
+    ev = _ev()
     return [r for p in sorted((out / kind).glob("*/*/*/*.json")) if "unreadable" not in (r := ev.read_record(p)).get("error", "")]
 
 
@@ -171,7 +171,7 @@ class Context:
     """Options, resolved backbones and domains, and caches of datasets and decoded episodes."""
 
     def __init__(self, args, argv):
-        ev, rep = _ev(), _rep()
+        ev = _ev()
         self.args, self.out = args, Path(args.out)
         self.seeds = ev.parse_seeds(args.seeds)
         self.settings = ev.settings_of(args)
@@ -186,7 +186,7 @@ class Context:
 
     def check_config(self) -> None:
         """Refuse to mix episode/fine-tuning settings in one folder."""
-        ev, rep = _ev(), _rep()
+        ev = _ev()
         path = self.out / "config.json"
         if path.exists():
             old = ev.read_record(path).get("settings")
@@ -346,7 +346,7 @@ def _gain(r: dict) -> float:
 
 
 def report_layers(ctx: Context, ratios) -> None:
-    ev, rep = _ev(), _rep()
+    rep = _rep()
     import numpy as np
 
     lines, panels = _header(ctx, "Figure 3: accuracy gain of updating one layer at a time"), []
@@ -422,7 +422,7 @@ def spearman(x, y) -> float:
 
 
 def report_rank(ctx: Context, ratio: float) -> None:
-    ev, rep = _ev(), _rep()
+    rep = _rep()
     import numpy as np
 
     lines = _header(ctx, "How well Fisher potential (Eq. 2) and the Eq. 3 score rank layers by measured gain")
@@ -489,7 +489,7 @@ def _plot_rank(plt, points):
 
 
 def report_channels(ctx: Context, ratios) -> None:
-    ev, rep = _ev(), _rep()
+    rep = _rep()
     import numpy as np
 
     lines = _header(ctx, "Figures 4 and 6b: dynamic (Fisher) vs static (random, L2-norm) channel choice")
@@ -630,7 +630,7 @@ def report_compare(ctx: Context, methods, reference: str, backbone: str | None =
 
 
 def report_meta(ctx: Context, methods) -> None:
-    ev, rep = _ev(), _rep()
+    rep = _rep()
     res = _method_results(ctx, methods)
     domains = list(ctx.domains)
     names = list(ctx.backbones)
@@ -672,7 +672,7 @@ def _plot_meta(plt, bars, a, b):
 # ----------------------------------------------------------------------------------------------
 
 def _header(ctx: Context, title: str) -> list[str]:
-    ev, rep = _ev(), _rep()
+    ev = _ev()
     s = ctx.settings
     argv = [*PROG.split(), *ctx.argv]
     return [f"# {title}", "", "Regenerate (finished records are kept):", "", "```",
@@ -681,10 +681,10 @@ def _header(ctx: Context, title: str) -> list[str]:
 
 
 def _write_report(ctx: Context, name: str, lines: list[str]) -> None:
-    from microtrain.adapt import _write_atomic
+    from microtrain.paths import write_atomic
 
     text = "\n".join(lines) + "\n"
-    _write_atomic(ctx.out / f"{name}.md", lambda tmp: Path(tmp).write_text(text))
+    write_atomic(ctx.out / f"{name}.md", lambda tmp: Path(tmp).write_text(text))
     print(text)
     print(f"wrote {ctx.out / f'{name}.md'}", flush=True)
 
@@ -697,11 +697,11 @@ def _figure(ctx: Context, name: str, draw) -> None:
     except ImportError:
         print(f"note: matplotlib is not installed: {name}.png skipped (pip install matplotlib)")
         return
-    from microtrain.adapt import _write_atomic
+    from microtrain.paths import write_atomic
 
     fig = draw(plt)
     try:
-        _write_atomic(ctx.out / f"{name}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        write_atomic(ctx.out / f"{name}.png", lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     finally:
         plt.close(fig)
     print(f"wrote {ctx.out / f'{name}.png'}", flush=True)
