@@ -81,9 +81,9 @@ def plan_method(method: str, net: Network, support: np.ndarray, labels: np.ndarr
 def plan_sparse_update(net: Network) -> MethodPlan:
     """MCUNetV3's static policy: biases of the last N convs; listed convs' weights on the input
     channels with the largest weight L2 norm, chosen once; plain SGD."""
-    if net.name not in SPARSE_UPDATE:
+    if net.base_name not in SPARSE_UPDATE:
         raise ValueError(f"no SparseUpdate configuration for {net.name!r} (have {', '.join(SPARSE_UPDATE)})")
-    n_bias, weights = SPARSE_UPDATE[net.name]
+    n_bias, weights = SPARSE_UPDATE[net.base_name]
     chosen = {layer.name: LayerUpdate.bias_only(layer.out_channels) for layer in net.layers[-n_bias:]}
     choices = []
     for index, kept in weights.items():

@@ -51,6 +51,13 @@ class Network:
         return self.arch.get("name", "network")
 
     @property
+    def base_name(self) -> str:
+        """The backbone these weights were trained from: the ImageNet backbone's name for a
+        meta-trained file ('mcunet-5fps' for 'mcunet-5fps-meta', from its provenance), else
+        ``name``. Per-architecture settings (SparseUpdate's policy) are keyed by it."""
+        return self.arch.get("meta_training", {}).get("base", {}).get("name", self.name)
+
+    @property
     def resolution(self) -> int:
         return int(self.arch["resolution"])
 

@@ -129,3 +129,21 @@ def test_ablations_keep_counts_within_budget(method):
     program = Program(net.protonet_graph(1, 3, 10.0), plan.selection, True)
     assert program.plan.backward_bytes <= budgets.memory
     assert isinstance(plan.selection, Selection) and len(plan.selection) > 0
+
+
+@pytest.mark.parametrize("name", ["mcunet-5fps-meta", "mbv2-w0.35-meta", "proxyless-w0.3-meta"])
+def test_sparse_update_runs_on_the_meta_trained_backbones(name):
+    """SparseUpdate's policy is per architecture: a meta-trained file (renamed '<base>-meta', the
+    base in its provenance) gets its base backbone's policy (it used to be refused by name)."""
+    from microtrain.adapt import resolve_model
+    from microtrain.methods import SPARSE_UPDATE, plan_sparse_update
+
+    net = resolve_model(name)  # committed in weights/, no shared folder needed
+    assert net.name == name and net.base_name == name.removesuffix("-meta")
+    n_bias, weights = SPARSE_UPDATE[net.base_name]
+    plan = plan_sparse_update(net)
+    layers = plan.selection.layers
+    assert [layer.name for layer in net.layers if layer.name in layers] == [
+        layer.name for i, layer in enumerate(net.layers) if i >= len(net.layers) - n_bias or i in weights]
+    for index in weights:
+        assert layers[net.layers[index].name].trains_weight
