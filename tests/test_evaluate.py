@@ -308,7 +308,8 @@ def test_protocol_presets():
     ns, s = _settings("--protocol", "paper")
     assert s["protocol"] == "paper" and s["sampler"] == "metadataset" and s["way"] is None
     assert s["mac_budget"] == "15%bwd" and s["finetune"]["batch"] == 1 and s["finetune"]["lr"] is None
-    assert s["per_method"] == {"fulltrain": {"batch": 100}, "tinytl": {"batch": 100}}
+    # the batch-100 methods at their own learning rates (chosen on validation episodes)
+    assert s["per_method"] == {"fulltrain": {"batch": 100, "lr": 1e-3}, "tinytl": {"batch": 100, "lr": 3e-2}}
     assert {m: evaluation.method_finetune(s, m)["batch"] for m in evaluation.PAPER_METHODS} == {
         "none": 1, "lastlayer": 1, "fulltrain": 100, "sparseupdate": 1, "tinytl": 100, "tinytrain": 1}
     assert ns.methods.split(",") == list(evaluation.PAPER_METHODS)
@@ -418,10 +419,11 @@ def test_paper_protocol_grid_on_stand_in_meta_trained_backbones(inputs, tmp_path
         assert full["memory"]["backward_planned_bytes"] == program.plan.backward_bytes
         assert tiny["budgets"]["macs"] == int(0.15 * full["backward_macs"]) == int(0.15 * fulltrain_backward_macs(net))
         assert 0 < tiny["backward_macs"] <= tiny["budgets"]["macs"]
-        assert full["finetune"]["lr"] == methods.DEFAULT_LR["fulltrain"]
+        assert full["finetune"]["lr"] == 1e-3 and tinytl["finetune"]["lr"] == 3e-2
     config = json.loads((out / "config.json").read_text())
-    assert config["settings"]["per_method"] == {"fulltrain": {"batch": 100}, "tinytl": {"batch": 100}}
-    assert config["methods"]["fulltrain"] == {"batch": 100, "lr": methods.DEFAULT_LR["fulltrain"]}
+    assert config["settings"]["per_method"] == {"fulltrain": {"batch": 100, "lr": 1e-3},
+                                                "tinytl": {"batch": 100, "lr": 3e-2}}
+    assert config["methods"]["fulltrain"] == {"batch": 100, "lr": 1e-3}
     assert config["methods"]["tinytrain"] == {"batch": 1, "lr": methods.DEFAULT_LR["tinytrain"]}
 
     report = (out / "report.md").read_text()
@@ -431,10 +433,11 @@ def test_paper_protocol_grid_on_stand_in_meta_trained_backbones(inputs, tmp_path
     macs = tiny["budgets"]["macs"]
     assert (f"backward MACs 15% of FullTrain's backward MACs per image (mcunet-5fps-meta: {macs / 1e6:.2f}M)"
             in head)
-    assert "batch 1, SGD lr each method’s default" in head and "per method: fulltrain: batch 100; tinytl: batch 100" in head
+    assert "batch 1, SGD lr each method’s default" in head
+    assert "per method: fulltrain: batch 100, lr 0.001; tinytl: batch 100, lr 0.03" in head
     sizes = sorted(rec[("fulltrain", s)]["support_size"] for s in (0, 1))
     span = str(sizes[0]) if sizes[0] == sizes[1] else f"{sizes[0]}–{sizes[1]}"
-    assert f"| fulltrain | {span} | 0.0001 | 0.9 |" in head and "| tinytrain | 1 | 0.003 | 0.9 |" in head
+    assert f"| fulltrain | {span} | 0.001 | 0.9 |" in head and "| tinytrain | 1 | 0.003 | 0.9 |" in head
     assert "| sparseupdate |" not in head  # failed on the tiny net: nothing ran
     assert next(line for line in report.splitlines() if line.startswith("| fulltrain | 2 |")).startswith(
         f"| fulltrain | 2 | {span} | ")
@@ -444,10 +447,10 @@ def test_paper_protocol_grid_on_stand_in_meta_trained_backbones(inputs, tmp_path
     # resuming refuses a changed preset: another batch, or another default learning rate
     assert evaluate.main(argv + ["--batch", "1"]) == 2
     assert "other settings (per_method" in capsys.readouterr().err
-    monkeypatch.setitem(methods.DEFAULT_LR, "fulltrain", 1e-3)
+    monkeypatch.setitem(methods.DEFAULT_LR, "tinytrain", 1e-2)
     assert evaluate.main(argv) == 2
     err = capsys.readouterr().err
-    assert "fulltrain ran with fine-tuning settings {'batch': 100, 'lr': 0.0001}" in err and err.count("\n") == 1
+    assert "tinytrain ran with fine-tuning settings {'batch': 1, 'lr': 0.003}" in err and err.count("\n") == 1
 
 
 def test_a_folder_from_before_the_presets_reads_as_what_it_ran(inputs, tmp_path, capsys):
