@@ -27,6 +27,9 @@ from .stats import mean_ci, t_quantile  # noqa: F401 - t_quantile is part of thi
 
 REFERENCE = "tinytrain"  # Table 2's ratios and the improvement column are relative to it
 BASELINE = "none"
+# the paired-differences table: each task-adaptive method against the static and the full update
+ADAPTIVE = ("tinytrain",)  # and every tinytrain-plus variant
+PAIRED_AGAINST = ("sparseupdate", "fulltrain")
 
 
 def load_records(out: Path) -> list[dict]:
@@ -56,6 +59,7 @@ def _label(domain: str) -> str:
 def _in_average(domain: str) -> bool:
     return not (domain in DOMAINS and DOMAINS[domain][2])
 
+
 def _combine(cells) -> tuple[float, float | None]:
     """Mean of per-domain means; its interval from the domains' standard errors (independent)."""
     means = [c[0] for c in cells]
@@ -81,6 +85,37 @@ def _ratio(x, ref) -> str:
     return "–" if x is None or not ref else f"{x / ref:.2f}×"
 
 
+def _paired(acc: dict, a: str, b: str, domains: list[str], averaged: list[str]) -> dict:
+    """Domain -> (mean, half-width, n) of method ``a``'s accuracy minus ``b``'s on the same
+    episodes (fractions; the seeds both have), and 'average' over ``averaged`` when every one of
+    them has pairs (the domains' intervals combined, as Table 1's average)."""
+    out = {}
+    for d in domains:
+        x, y = acc.get((a, d), {}), acc.get((b, d), {})
+        paired = [x[seed] - y[seed] for seed in sorted(set(x) & set(y))]
+        if paired:
+            out[d] = mean_ci(paired)
+    if averaged and all(d in out for d in averaged):
+        out["average"] = _combine([out[d] for d in averaged])
+    return out
+
+
+def _paired_table(s: dict) -> list[str]:
+    """Markdown rows of the paired differences ``a − b`` per domain and averaged, in points."""
+    head = ["difference", *(_label(d) for d in s["domains"])] + (["**average**"] if s["averaged"] else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (a, b), diff in s["pairs"].items():
+        row = [f"{a} − {b}"]
+        for d in s["domains"]:
+            g = diff.get(d)
+            row.append(f"{_pm(*g[:2], signed=True)} (n={g[2]})" if g else "–")
+        if s["averaged"]:
+            g = diff.get("average")
+            row.append(f"**{_pm(*g, signed=True)}**" if g else "–")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def summarize(records: list[dict]) -> dict:
     """Per backbone: the numbers of Table 1, Table 2 and Figure 1."""
     out = {}
@@ -102,15 +137,9 @@ def summarize(records: list[dict]) -> dict:
         for m in methods:
             if averaged and all((m, d) in cells for d in averaged):
                 average[m] = _combine([cells[(m, d)] for d in averaged])
-        gain = {}
-        if REFERENCE in methods and BASELINE in methods:
-            for d in domains:
-                a, b = acc.get((REFERENCE, d), {}), acc.get((BASELINE, d), {})
-                paired = [a[s] - b[s] for s in sorted(set(a) & set(b))]
-                if paired:
-                    gain[d] = mean_ci(paired)
-            if averaged and all(d in gain for d in averaged):
-                gain["average"] = _combine([gain[d] for d in averaged])
+        gain = _paired(acc, REFERENCE, BASELINE, domains, averaged) if {REFERENCE, BASELINE} <= set(methods) else {}
+        pairs = {(a, b): _paired(acc, a, b, domains, averaged) for a in methods if a in ADAPTIVE or
+                 a.startswith("tinytrain-plus") for b in PAIRED_AGAINST if b in methods}
         costs = {}
         for m in methods:
             rs = [r for r in ok if r["method"] == m]
@@ -134,7 +163,7 @@ def summarize(records: list[dict]) -> dict:
             before.setdefault((r["domain"], r["seed"]), set()).add(round(r["accuracy_before"], 9))
         mismatched = sorted(k for k, v in before.items() if len(v) > 1)
         out[backbone] = {"records": recs, "methods": methods, "domains": domains, "averaged": averaged,
-                         "acc": acc, "cells": cells, "average": average, "gain": gain, "fails": fails,
+                         "acc": acc, "cells": cells, "average": average, "gain": gain, "pairs": pairs, "fails": fails,
                          "costs": costs, "before_mismatch": mismatched}
     return out
 
@@ -342,6 +371,12 @@ def write_report(out: Path) -> dict:
         if s["before_mismatch"]:
             lines += [f"Warning: accuracy before training differs between methods on {len(s['before_mismatch'])} "
                       f"episode(s), e.g. {s['before_mismatch'][0]}: the episodes are not the same.", ""]
+        if any(s["pairs"].values()):
+            lines += ["### Paired differences", "",
+                      "Accuracy of each task-adaptive method minus the static (SparseUpdate) and the full "
+                      "(FullTrain) update on the same episodes, in points: mean ± 95% interval (Student's t) "
+                      "over the episodes both finished (n); the average combines the domains' intervals.", "",
+                      *_paired_table(s), ""]
         lines += ["### Table 2: backward pass costs", "",
                   "Means over every successful episode of all domains. Backward memory is the planner's "
                   "figure: weights being updated + their gradients and optimizer state + activations kept "

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import grid_inputs
-from microtrain import evaluate, evaluation
+from microtrain import evaluate, evaluation, stats
 from microtrain.adapt import resolve_model
 from microtrain.evaluation_report import _label_offsets
 from microtrain.stats import t_quantile
@@ -481,3 +481,30 @@ def test_an_unwritable_out_folder_is_one_line(tmp_path, capsys):
                  "--out", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_paired_differences_of_the_adaptive_methods():
+    """The report's paired differences: each task-adaptive method (tinytrain, tinytrain-plus
+    variants) minus SparseUpdate and FullTrain on the episodes both finished, per domain and
+    averaged; a seed one of them lacks is left out of that pair."""
+    from microtrain import evaluation_report as er
+
+    acc = {("tinytrain", "flowers"): [0.50, 0.60, 0.70], ("sparseupdate", "flowers"): [0.40, 0.65, 0.60],
+           ("fulltrain", "flowers"): [0.30, 0.30], ("tinytrain-plus", "flowers"): [0.9, 0.9, 0.9],
+           ("tinytrain", "dtd"): [0.2, 0.4], ("sparseupdate", "dtd"): [0.1, 0.1], ("fulltrain", "dtd"): [0.5, 0.5],
+           ("tinytrain-plus", "dtd"): [0.2, 0.2], ("none", "dtd"): [0.0, 0.0], ("none", "flowers"): [0.0, 0.0, 0.0]}
+    records = [{"backbone": "b", "method": m, "domain": d, "seed": seed, "accuracy_after": a, "accuracy_before": 0.0,
+                "memory": None, "backward_macs": 0, "forward_macs": 1, "selection_share": 0.0,
+                "time_seconds": {"end_to_end": 1.0, "selection": 0.0, "training": 1.0}}
+               for (m, d), values in acc.items() for seed, a in enumerate(values)]
+    s = er.summarize(records)["b"]
+    assert set(s["pairs"]) == {(a, b) for a in ("tinytrain", "tinytrain-plus") for b in ("sparseupdate", "fulltrain")}
+    mean, half, n = s["pairs"][("tinytrain", "sparseupdate")]["flowers"]
+    assert n == 3 and mean == pytest.approx(np.mean([0.10, -0.05, 0.10]))
+    assert half == pytest.approx(stats.t_quantile(0.95, 2) * np.std([0.10, -0.05, 0.10], ddof=1) / np.sqrt(3))
+    assert s["pairs"][("tinytrain", "fulltrain")]["flowers"][2] == 2  # FullTrain lacks seed 2
+    average = s["pairs"][("tinytrain-plus", "fulltrain")]["average"]
+    assert average[0] == pytest.approx((0.6 + (-0.3)) / 2)
+    table = "\n".join(er._paired_table(s))
+    assert "| tinytrain − sparseupdate | +5.0 ± " in table and "(n=3)" in table
+    assert "| tinytrain-plus − fulltrain | +60.0 ± 0.0 (n=2) | -30.0 ± 0.0 (n=2) | **+15.0 ± 0.0** |" in table
