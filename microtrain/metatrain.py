@@ -220,10 +220,33 @@ def load_state(path: Path) -> tuple[dict, dict, dict, dict]:
         state = json.loads(str(arrays.pop("__state__")))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported in one line
         raise CheckpointError(f"{path}: not a meta-training state file ({type(exc).__name__}: {exc})") from None
-    if state.get("version") != STATE_VERSION:
-        raise CheckpointError(f"{path}: state version {state.get('version')}, this microtrain writes {STATE_VERSION}")
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        version = state.get("version") if isinstance(state, dict) else None
+        raise CheckpointError(f"{path}: state version {version}, this microtrain writes {STATE_VERSION}")
+    fields = {"identity": dict, "episode": int, "seconds": (int, float), "validation": list, "losses": list,
+              "best": dict}
+    scores = [state.get("best"), *(state.get("validation") or [None])]
+    if (any(not isinstance(state.get(k), t) for k, t in fields.items()) or state["episode"] < 0
+            or not all(isinstance(v, dict) and isinstance(v.get("accuracy"), (int, float)) for v in scores)):
+        raise CheckpointError(f"{path}: damaged meta-training state (its record lacks or garbles "
+                              f"{', '.join(fields)}); delete it to start over")
     split = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}  # noqa: E731
     return state, split("weights:"), split("best:"), {k: v for k, v in arrays.items() if k.startswith("momentum:")}
+
+
+def check_state_arrays(path: Path, kind: str, arrays: dict[str, np.ndarray],
+                       reference: dict[str, np.ndarray]) -> None:
+    """CheckpointError unless ``arrays`` (one part of a run-state file) has exactly the names,
+    shapes and dtypes of ``reference`` and only finite values: a damaged or foreign state file is
+    refused before any training, not by a traceback mid-run or after it."""
+    missing, extra = sorted(set(reference) - set(arrays)), sorted(set(arrays) - set(reference))
+    wrong = [k for k, ref in reference.items() if k in arrays and (
+        arrays[k].shape != ref.shape or arrays[k].dtype != ref.dtype or not np.isfinite(arrays[k]).all())]
+    if missing or extra or wrong:
+        what = ", ".join(f"{label} {names[0]}" + (f" (+{len(names) - 1} more)" if len(names) > 1 else "")
+                         for label, names in (("missing", missing), ("unexpected", extra),
+                                              ("wrong shape, dtype or non-finite", wrong)) if names)
+        raise CheckpointError(f"{path}: damaged meta-training state: {kind}: {what}; delete it to start over")
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,8 +352,12 @@ def metatrain(args, log=print) -> dict:
         if state["identity"] != identity:
             raise UsageError(f"{spath} belongs to a run with other settings, model or data; use another --out "
                              "or delete it to start over")
+        reference = net.state()
+        check_state_arrays(spath, "weights", weights, reference)
+        check_state_arrays(spath, "best weights", best, reference)
         net = Network(net.arch, weights)
         trainer = MetaTrainer(net, cfg)
+        check_state_arrays(spath, "momentum", momentum, trainer.momentum_state())
         trainer.load_momentum(momentum)
         log(f"resuming {out} at episode {state['episode']}/{cfg.episodes}")
     else:

@@ -6,6 +6,7 @@ provenance recorded in the output, and one-line errors for bad arguments."""
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import signal
@@ -206,3 +207,51 @@ def test_an_unwritable_out_is_refused_before_any_work(source, tmp_path, capsys):
     assert mt.main(argv(source, blocker / "sub" / "m.npz")) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --out: cannot write into") and "\n" not in err
+
+
+def _drop_first(prefix):
+    def damage(arrays):
+        del arrays[next(k for k in arrays if k.startswith(prefix))]
+    return damage
+
+
+def _shrink_first_weight(arrays):
+    k = next(k for k in arrays if k.startswith("weights:"))
+    arrays[k] = arrays[k][:1]
+
+
+def _nan_best(arrays):
+    k = next(k for k in arrays if k.startswith("best:"))
+    arrays[k] = np.full_like(arrays[k], np.nan)
+
+
+def _edit_record(edit):
+    def damage(arrays):
+        state = json.loads(str(arrays["__state__"]))
+        edit(state)
+        arrays["__state__"] = np.array(json.dumps(state))
+    return damage
+
+
+@pytest.mark.parametrize("damage", [
+    _drop_first("momentum:"), _drop_first("best:"), _shrink_first_weight, _nan_best,
+    _edit_record(lambda s: s.pop("validation")), _edit_record(lambda s: s.update(best=None)),
+    _edit_record(lambda s: s.update(episode="4")),
+], ids=["no-momentum", "no-best", "weight-shape", "nan-best", "no-validation", "best-null", "episode-str"])
+def test_a_damaged_state_file_is_a_one_line_error(source, tmp_path, capsys, damage):
+    """A state file that is a readable .npz of this run's settings but lacks or garbles a part
+    (an edit, a writer of another version) is refused before any work: it used to end in a
+    KeyError or ValueError traceback, at the start or only after the whole training."""
+    out = tmp_path / "x.npz"
+    assert mt.main(argv(source, out, "--episodes", "2")) == 0
+    out.unlink()
+    spath = mt.state_path(out)
+    with np.load(spath) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    damage(arrays)
+    np.savez(spath, **arrays)
+    capsys.readouterr()
+    assert mt.main(argv(source, out, "--episodes", "2")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {spath}: damaged meta-training state") and "\n" not in err
+    assert not out.exists()
