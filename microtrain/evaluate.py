@@ -35,8 +35,8 @@ from functools import partial
 from pathlib import Path
 
 from .evaluation import (BACKBONES, DEFAULT_DOMAINS, DOMAINS, PAPER_METHODS, PROG, PROTOCOLS, GridError,
-                         add_settings_options, duration, execute, parse_seeds, plan_grid, run_pool, settings_of,
-                         split_list)
+                         add_settings_options, duration, execute, parse_seeds, plan_grid, read_record, run_pool,
+                         settings_of, split_list, stored_settings)
 from .paths import MissingSharedError
 
 
@@ -100,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "time of a grid of --domains x --episodes with them on each number of --workers. "
                                      "Defaults: the paper's full comparison.")
     est.add_argument("--out", default="runs/eval", help="the folder a run wrote (default %(default)s)")
-    est.add_argument("--backbones", default=",".join(BACKBONES[:3]),
-                     help="backbone keys of the records (default %(default)s)")
+    est.add_argument("--backbones", default=None,
+                     help="backbone keys of the records (default: those of OUT's protocol, "
+                          f"{PROTOCOLS['paper']['backbones']} for a --protocol paper folder, else "
+                          f"{','.join(BACKBONES[:3])})")
     est.add_argument("--methods", default=",".join(PAPER_METHODS), help="default: the paper's six, %(default)s")
     est.add_argument("--domains", type=int, default=9, help="domains in the grid (default %(default)s)")
     est.add_argument("--episodes", type=int, default=200, help="episodes per domain (default %(default)s)")
@@ -166,7 +168,13 @@ def cmd_estimate(args) -> int:
         raise GridError("--workers must be a comma list of positive counts, --domains and --episodes >= 1")
     if not (Path(args.out) / "episodes").is_dir():
         raise GridError(f"{args.out}: no episodes/ folder (run `{PROG} run --out {args.out}` first)")
-    lines = estimate_wall_time(load_records(Path(args.out)), split_list(args.backbones, "backbones"),
+    backbones = args.backbones
+    if backbones is None:  # a paper-protocol folder holds the meta-trained backbones' records only
+        config = Path(args.out) / "config.json"
+        settings = stored_settings(read_record(config).get("settings")) if config.exists() else None
+        paper = settings is not None and settings["protocol"] == "paper"
+        backbones = PROTOCOLS["paper"]["backbones"] if paper else ",".join(BACKBONES[:3])
+    lines = estimate_wall_time(load_records(Path(args.out)), split_list(backbones, "backbones"),
                                split_list(args.methods, "methods"), args.domains, args.episodes, workers)
     print("\n".join(lines))
     return 0

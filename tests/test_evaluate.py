@@ -299,6 +299,32 @@ def test_estimate_wall_time_from_measured_task_times(tmp_path, capsys):
     assert "no episodes/ folder" in capsys.readouterr().err
 
 
+def test_estimate_defaults_to_the_backbones_of_a_paper_protocol_folder(tmp_path, capsys):
+    """A --protocol paper folder holds records of the meta-trained backbones only; estimate's
+    default backbones were the ImageNet ones, so `estimate --out` on it (README: time a few
+    paper-protocol episodes, then estimate) failed with 'no successful record to time'."""
+    import json
+
+    backbones = evaluation.PROTOCOLS["paper"]["backbones"].split(",")
+    for b in backbones:
+        for m in evaluation.PAPER_METHODS:
+            path = tmp_path / "episodes" / b / "omniglot" / m / "0.json"
+            path.parent.mkdir(parents=True)
+            path.write_text(json.dumps({"backbone": b, "domain": "omniglot", "method": m, "seed": 0,
+                                        "task_seconds": 2.0}))
+    config = {"settings": {"protocol": "quick"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert evaluate.main(["estimate", "--out", str(tmp_path)]) == 2  # a quick folder: the ImageNet backbones
+    assert "no successful record to time mcunet-5fps/none" in capsys.readouterr().err
+    config["settings"]["protocol"] = "paper"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert evaluate.main(["estimate", "--out", str(tmp_path), "--domains", "1", "--episodes", "1"]) == 0
+    out = capsys.readouterr().out
+    for b in backbones:
+        assert f"| {b} | " + " | ".join(["2.00 (n=1)"] * len(evaluation.PAPER_METHODS)) + " | 12.0 |" in out
+    assert f"= {3 * len(evaluation.PAPER_METHODS)} tasks, 36 task-seconds" in out
+
+
 def _settings(*argv):
     ns = evaluate.parse_args(["run", *argv])
     return ns, evaluation.settings_of(ns)
