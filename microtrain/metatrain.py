@@ -59,7 +59,7 @@ class MetaConfig:
     way: int = 5
     shot: int = 5
     query: int = 15  # queries per class
-    peak_lr: float = 5e-4
+    peak_lr: float = 1e-4  # chosen by meta-validation (weights/README.md)
     start_lr: float = 1e-6  # warm-up start and cosine floor
     warmup: float = 0.05  # share of the episodes spent warming up
     momentum: float = 0.9
