@@ -366,8 +366,9 @@ def write_report(out: Path) -> dict:
                   + (f"(n = {n} per cell, seeds {format_seeds(seeds)})" if n else "(n per cell as shown)")
                   + ". The average is the mean of the domain means"
                   + (", excluding the in-domain control" if len(s["averaged"]) < len(s["domains"]) else "")
-                  + f"; its interval combines the domains' intervals. `{REFERENCE} − {BASELINE}`: paired difference "
-                    "on the same episodes, in points.", "", *table1, ""]
+                  + "; its interval combines the domains' intervals."
+                  + (f" `{REFERENCE} − {BASELINE}`: paired difference on the same episodes, in points."
+                     if s["gain"] else ""), "", *table1, ""]
         if s["before_mismatch"]:
             lines += [f"Warning: accuracy before training differs between methods on {len(s['before_mismatch'])} "
                       f"episode(s), e.g. {s['before_mismatch'][0]}: the episodes are not the same.", ""]

@@ -440,7 +440,8 @@ def main(argv=None) -> int:
     args.argv = argv
     return exit_status(lambda: metatrain(args),
                        (UsageError, DataError, CheckpointError, MissingSharedError, TrainingDiverged),
-                       "\ninterrupted: the last checkpoint is kept; run the same command to resume")
+                       "\ninterrupted: run the same command to resume from the last checkpoint (one is written every "
+                       "--checkpoint-every episodes; before the first, it starts over)")
 
 
 if __name__ == "__main__":
