@@ -28,7 +28,7 @@ from .stats import mean_ci, t_quantile  # noqa: F401 - t_quantile is part of thi
 REFERENCE = "tinytrain"  # Table 2's ratios and the improvement column are relative to it
 BASELINE = "none"
 # the paired-differences table: each task-adaptive method against the static and the full update
-ADAPTIVE = ("tinytrain",)  # and every tinytrain-plus variant
+ADAPTIVE = ("tinytrain", "sparseupdate-fisher")  # and every tinytrain-plus variant
 PAIRED_AGAINST = ("sparseupdate", "fulltrain")
 
 

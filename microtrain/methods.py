@@ -20,7 +20,7 @@ from .tinytl import plan_tinytl
 from .train import class_prototypes, embed
 
 METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytl", "tinytrain",
-           "tinytrain-fisher", "tinytrain-random", "tinytrain-l2", "tinytrain-plus")
+           "tinytrain-fisher", "tinytrain-random", "tinytrain-l2", "tinytrain-plus", "sparseupdate-fisher")
 
 # Learning rate of each method when the user gives none, from the validation sweeps of
 # tools/tune_finetune.py (README, "Fine-tuning defaults"). Full updates of these BN-folded
@@ -58,6 +58,8 @@ def plan_method(method: str, net: Network, support: np.ndarray, labels: np.ndarr
         plan = MethodPlan(method, full_update(net, [layer.name for layer in net.layers]))
     elif method == "sparseupdate":
         plan = plan_sparse_update(net)
+    elif method == "sparseupdate-fisher":
+        plan = plan_sparse_update_fisher(net, support, labels, scale, seed, embeddings=embeddings)
     elif method == "tinytl":
         plan = plan_tinytl(net, seed)
     elif method.partition(":")[0] == "tinytrain-plus":
@@ -78,9 +80,11 @@ def plan_method(method: str, net: Network, support: np.ndarray, labels: np.ndarr
     return plan
 
 
-def plan_sparse_update(net: Network) -> MethodPlan:
+def plan_sparse_update(net: Network, channel_scores: dict[str, np.ndarray] | None = None) -> MethodPlan:
     """MCUNetV3's static policy: biases of the last N convs; listed convs' weights on the input
-    channels with the largest weight L2 norm, chosen once; plain SGD."""
+    channels with the largest weight L2 norm, chosen once; plain SGD. ``channel_scores`` (layer ->
+    (C_in,) float) ranks each listed conv's input channels instead of the L2 norm (the same layers
+    and channel counts, so the same backward memory and MACs)."""
     if net.base_name not in SPARSE_UPDATE:
         raise ValueError(f"no SparseUpdate configuration for {net.name!r} (have {', '.join(SPARSE_UPDATE)})")
     n_bias, weights = SPARSE_UPDATE[net.base_name]
@@ -91,16 +95,37 @@ def plan_sparse_update(net: Network) -> MethodPlan:
         w = net.params[layer.name][0]
         if layer.kind == "depthwise":  # a depthwise input channel is its output channel
             norms = np.linalg.norm(w.reshape(len(w), -1), axis=1)
-            top = np.sort(np.argsort(-norms, kind="stable")[:kept])
-            chosen[layer.name] = LayerUpdate.channels(top)
         else:
             norms = np.linalg.norm(np.moveaxis(w, 1, 0).reshape(w.shape[1], -1), axis=1)
-            top = np.sort(np.argsort(-norms, kind="stable")[:kept])
+        if channel_scores is not None:
+            norms = channel_scores[layer.name]
+        top = np.sort(np.argsort(-norms, kind="stable")[:kept])
+        if layer.kind == "depthwise":
+            chosen[layer.name] = LayerUpdate.channels(top)
+        else:
             everything = LayerUpdate.full(layer.out_channels)
             chosen[layer.name] = LayerUpdate(everything.weight, everything.bias, None if kept == layer.in_channels else top)
         choices.append((layer.name, kept, layer.in_channels, float("nan")))
     return MethodPlan("sparseupdate", Selection(chosen), choices=choices, momentum=0.0,
                       info={"bias_layers": n_bias, "weight_layers": {net.layers[i].name: k for i, k in weights.items()}})
+
+
+def plan_sparse_update_fisher(net: Network, support: np.ndarray, labels: np.ndarray, scale: float, seed: int,
+                              embeddings: np.ndarray | None = None) -> MethodPlan:
+    """SparseUpdate's layers and channel counts with each listed conv's input channels chosen on
+    the device for this task: by their measured Fisher information (``tinytrain_plus.measured_fisher``,
+    one backward per augmented support image) instead of the weights' L2 norm. The paper's claim
+    that dynamic channels beat static ones (Figures 4, 6b), at SparseUpdate's own cost."""
+    _, weights = SPARSE_UPDATE.get(net.base_name, (0, {}))
+    names = [net.layers[i].name for i in sorted(weights)]
+    ways = int(labels.max()) + 1
+    protos = class_prototypes(embed(net, support) if embeddings is None else embeddings, labels, ways)
+    rng = np.random.default_rng(seed)  # the pseudo-queries TinyTrain's Fisher pass draws
+    fisher = tinytrain_plus.measured_fisher(net, names, lambda i: to_input(augment(support[i], rng)[None]), labels,
+                                            protos, scale) if names else {}
+    plan = plan_sparse_update(net, {name: f.cols for name, f in fisher.items()} if names else None)
+    plan.method = "sparseupdate-fisher"
+    return plan
 
 
 def support_fisher(net: Network, support: np.ndarray, labels: np.ndarray, scale: float, rng: np.random.Generator,

@@ -145,6 +145,8 @@ class GroupFisher:
     rows_signal: np.ndarray  # (C,) float64, ||mean_n g_n(row)||^2
     bias_signal: np.ndarray  # (C,) float64
     row_size: int  # weights per row
+    cols: np.ndarray | None = None  # (C_in,) float64, mean_n of the squared gradient of each input
+    # channel's weights (a depthwise layer's input channel is its output channel: equal to rows)
 
     def row_rms(self) -> np.ndarray:
         """RMS per-sample gradient of one weight of each row (C,)."""
@@ -172,7 +174,8 @@ def measured_fisher(net: Network, names: list[str], inputs, labels: np.ndarray, 
 
     ``inputs(i)`` returns sample ``i`` as float32 (1, 3, R, R); ``labels`` (N,) int64;
     ``prototypes`` (K, C) normalised. The loss is the fine-tuning loss (scaled cosine logits,
-    cross-entropy). Per row: mean_n ||g_n||^2 (the diagonal of the empirical Fisher summed over
+    cross-entropy). Per input channel (``cols``): mean_n of its weights' squared gradient norm.
+    Per row: mean_n ||g_n||^2 (the diagonal of the empirical Fisher summed over
     the row; Sung et al. 2021, "FISH mask") and ||mean_n g_n||^2. The backward stops at the
     earliest named layer; its memory is that of training every named layer in full (compact
     gradients and their running sum, no optimizer state).
@@ -181,6 +184,7 @@ def measured_fisher(net: Network, names: list[str], inputs, labels: np.ndarray, 
     run = Executor(graph, Selection({n: LayerUpdate.full(net.layer(n).out_channels) for n in names}))
     n = len(labels)
     square = {name: [np.zeros(net.layer(name).out_channels) for _ in range(2)] for name in names}
+    cols = {name: np.zeros(net.params[name][0].shape[1]) for name in names}
     total = {name: [np.zeros(net.params[name][0].shape), np.zeros(net.layer(name).out_channels)] for name in names}
     x, y = run.value("image"), np.zeros(1, np.int64)
     for i in range(n):
@@ -192,6 +196,7 @@ def measured_fisher(net: Network, names: list[str], inputs, labels: np.ndarray, 
             dw, db = run.grad(name)
             square[name][0] += np.square(dw.reshape(len(dw), -1), dtype=np.float64).sum(axis=1)
             square[name][1] += np.square(db, dtype=np.float64)
+            cols[name] += np.square(dw, dtype=np.float64).sum(axis=(0, 2, 3))
             total[name][0] += dw
             total[name][1] += db
     out = {}
@@ -199,7 +204,8 @@ def measured_fisher(net: Network, names: list[str], inputs, labels: np.ndarray, 
         mw, mb = total[name][0] / n, total[name][1] / n
         out[name] = GroupFisher(square[name][0] / n, square[name][1] / n,
                                 np.square(mw).reshape(len(mw), -1).sum(axis=1), np.square(mb),
-                                net.layer(name).weights_per_channel)
+                                net.layer(name).weights_per_channel,
+                                square[name][0] / n if net.layer(name).kind == "depthwise" else cols[name] / n)
     return out
 
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from microtrain import tinytrain
 from microtrain.autograd import Program
-from microtrain.data import to_input
+from microtrain.data import augment, to_input
 from microtrain.methods import Budgets, plan_method
 from microtrain.selection import LayerUpdate, Selection
 
@@ -147,3 +147,39 @@ def test_sparse_update_runs_on_the_meta_trained_backbones(name):
         layer.name for i, layer in enumerate(net.layers) if i >= len(net.layers) - n_bias or i in weights]
     for index in weights:
         assert layers[net.layers[index].name].trains_weight
+
+
+def test_sparse_update_fisher_keeps_the_policy_and_ranks_channels_by_the_task():
+    """sparseupdate-fisher: SparseUpdate's layers, channel counts, backward memory and MACs, with
+    each listed conv's input channels the ones of most measured Fisher information on this task."""
+    from microtrain import tinytrain_plus
+    from microtrain.adapt import resolve_model
+    from microtrain.methods import SPARSE_UPDATE, plan_sparse_update
+    from microtrain.train import class_prototypes, embed
+
+    net = resolve_model("mcunet-5fps-meta")
+    rng = np.random.default_rng(0)
+    support = rng.integers(0, 256, (4, 3, net.resolution, net.resolution), dtype=np.uint8)
+    labels = np.array([0, 1, 0, 1], np.int64)
+    static = plan_sparse_update(net)
+    plan = plan_method("sparseupdate-fisher", net, support, labels, Budgets(1, 1), 10.0, False, seed=0)
+    assert plan.method == "sparseupdate-fisher" and plan.momentum == 0.0
+    def shape(selection):
+        return {n: [None if c is None else len(c) for c in (u.weight, u.bias, u.inputs)]
+                for n, u in selection.layers.items()}
+
+    assert shape(plan.selection) == shape(static.selection)
+    graph = net.protonet_graph(1, 2, 10.0)
+    assert (tinytrain.backward_macs(Program(graph, plan.selection))
+            == tinytrain.backward_macs(Program(graph, static.selection)))
+    # the channels are the top ones of the Fisher measurement, which differs from the L2 choice
+    index, kept = next((i, k) for i, k in SPARSE_UPDATE[net.base_name][1].items()
+                       if net.layers[i].kind != "depthwise" and k < net.layers[i].in_channels)
+    name = net.layers[index].name
+    rng = np.random.default_rng(0)
+    protos = class_prototypes(embed(net, support), labels, 2)
+    fisher = tinytrain_plus.measured_fisher(net, [name], lambda i: to_input(augment(support[i], rng)[None]), labels,
+                                            protos, 10.0)
+    top = np.sort(np.argsort(-fisher[name].cols, kind="stable")[:kept])
+    np.testing.assert_array_equal(plan.selection.layers[name].inputs, top)
+    assert not np.array_equal(top, static.selection.layers[name].inputs)

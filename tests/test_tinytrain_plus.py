@@ -57,6 +57,27 @@ def test_measured_fisher_against_a_batch_gradient_and_finite_differences():
         assert (f.rows >= f.rows_signal * (1 - 1e-4)).all() and (f.bias >= f.bias_signal * (1 - 1e-4)).all()
         assert f.row_size == net.layer(name).weights_per_channel
 
+    # 'cols': per input channel, the mean over samples of its weights' squared gradient, from
+    # batch-1 backwards summed here by hand (a depthwise input channel is its output channel)
+    names = names + [next(layer.name for layer in net.layers if layer.kind == "depthwise")]
+    fisher = tp.measured_fisher(net, names, lambda i: x[i:i + 1], labels, protos, 10.0)
+    one_grad = Executor(net.protonet_graph(1, 3, 10.0), Selection({n: LayerUpdate.full(net.layer(n).out_channels)
+                                                                   for n in names}))
+    cols = {n: 0.0 for n in names}
+    for i in range(4):
+        one_grad.value("image")[...] = x[i:i + 1]
+        one_grad.forward({"labels": labels[i:i + 1], "prototypes": protos})
+        one_grad.backward()
+        for n in names:
+            cols[n] = cols[n] + np.square(one_grad.grad(n)[0].astype(np.float64)).sum(axis=(0, 2, 3)) / 4
+    for n in names:
+        if net.layer(n).kind == "depthwise":  # (C, 1, k, k): each channel is its own input
+            assert fisher[n].cols.shape == (net.layer(n).out_channels,)
+            np.testing.assert_allclose(fisher[n].cols, fisher[n].rows, rtol=1e-6)
+            continue
+        assert fisher[n].cols.shape == (net.params[n][0].shape[1],)
+        np.testing.assert_allclose(fisher[n].cols, cols[n], rtol=1e-6)
+
     # 'trace' of one bias: the mean over samples of its squared per-sample derivative, by central
     # differences of each sample's loss.
     one = Executor(net.protonet_graph(1, 3, 10.0))
