@@ -68,6 +68,24 @@ def _combine(cells) -> tuple[float, float | None]:
     return sum(means) / len(means), math.sqrt(sum(c[1] ** 2 for c in cells)) / len(cells)
 
 
+def domain_average(by_domain: dict, domains: list[str]) -> tuple[float, float | None, int] | None:
+    """The average over ``domains`` of per-episode values ``by_domain[domain][seed]`` (fractions):
+    (mean, 95% half-width, n seeds), or None if a domain has no values.
+
+    An episode's seed draws its way and shots the same way in every domain (``episodes``), so the
+    domains' results at one seed are not independent and their intervals cannot simply be
+    combined. Where at least two seeds are finished in every domain, each such seed's values are
+    averaged over the domains and the interval is Student's t over those seeds; otherwise (a
+    partial grid) the mean of the domain means with the domains' intervals combined as if
+    independent (``n`` is then 0)."""
+    if not domains or any(not by_domain.get(d) for d in domains):
+        return None
+    seeds = sorted(set.intersection(*(set(by_domain[d]) for d in domains)))
+    if len(seeds) >= 2:
+        return mean_ci([sum(by_domain[d][seed] for d in domains) / len(domains) for seed in seeds])
+    return (*_combine([mean_ci(list(by_domain[d].values())) for d in domains]), 0)
+
+
 def _pm(mean: float, half: float | None, scale: float = 100.0, signed: bool = False) -> str:
     if mean is None or not math.isfinite(mean):
         return "–"
@@ -88,15 +106,16 @@ def _ratio(x, ref) -> str:
 def _paired(acc: dict, a: str, b: str, domains: list[str], averaged: list[str]) -> dict:
     """Domain -> (mean, half-width, n) of method ``a``'s accuracy minus ``b``'s on the same
     episodes (fractions; the seeds both have), and 'average' over ``averaged`` when every one of
-    them has pairs (the domains' intervals combined, as Table 1's average)."""
-    out = {}
+    them has pairs (``domain_average``, as Table 1's average)."""
+    out, diffs = {}, {}
     for d in domains:
         x, y = acc.get((a, d), {}), acc.get((b, d), {})
-        paired = [x[seed] - y[seed] for seed in sorted(set(x) & set(y))]
-        if paired:
-            out[d] = mean_ci(paired)
-    if averaged and all(d in out for d in averaged):
-        out["average"] = _combine([out[d] for d in averaged])
+        diffs[d] = {seed: x[seed] - y[seed] for seed in sorted(set(x) & set(y))}
+        if diffs[d]:
+            out[d] = mean_ci(list(diffs[d].values()))
+    average = domain_average(diffs, averaged)
+    if average:
+        out["average"] = average
     return out
 
 
@@ -111,7 +130,7 @@ def _paired_table(s: dict) -> list[str]:
             row.append(f"{_pm(*g[:2], signed=True)} (n={g[2]})" if g else "–")
         if s["averaged"]:
             g = diff.get("average")
-            row.append(f"**{_pm(*g, signed=True)}**" if g else "–")
+            row.append(f"**{_pm(*g[:2], signed=True)}**" if g else "–")
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -135,8 +154,9 @@ def summarize(records: list[dict]) -> dict:
         averaged = [d for d in domains if _in_average(d)]
         average = {}
         for m in methods:
-            if averaged and all((m, d) in cells for d in averaged):
-                average[m] = _combine([cells[(m, d)] for d in averaged])
+            mean = domain_average({d: acc.get((m, d), {}) for d in averaged}, averaged)
+            if mean:
+                average[m] = mean
         gain = _paired(acc, REFERENCE, BASELINE, domains, averaged) if {REFERENCE, BASELINE} <= set(methods) else {}
         pairs = {(a, b): _paired(acc, a, b, domains, averaged) for a in methods if a in ADAPTIVE or
                  a.startswith("tinytrain-plus") for b in PAIRED_AGAINST if b in methods}
@@ -191,11 +211,13 @@ def _table1(s: dict) -> tuple[list[str], int | None]:
             row.append(_pm(*g[:2], signed=True) if g else "–")
         lines.append("| " + " | ".join(row) + " |")
     if s["averaged"]:
-        row = [f"**average** ({len(s['averaged'])} domain{'s' if len(s['averaged']) > 1 else ''})"]
-        row += [f"**{_pm(*s['average'][m])}**" if m in s["average"] else "–" for m in methods]
+        seeds = sorted({s["average"][m][2] for m in methods if m in s["average"]} - {0})
+        row = [f"**average** ({len(s['averaged'])} domain{'s' if len(s['averaged']) > 1 else ''}"
+               + (f", n={'–'.join(map(str, seeds[::max(1, len(seeds) - 1)]))} seeds" if seeds else "") + ")"]
+        row += [f"**{_pm(*s['average'][m][:2])}**" if m in s["average"] else "–" for m in methods]
         if has_gain:
             g = s["gain"].get("average")
-            row.append(f"**{_pm(*g, signed=True)}**" if g else "–")
+            row.append(f"**{_pm(*g[:2], signed=True)}**" if g else "–")
         lines.append("| " + " | ".join(row) + " |")
     return lines, (ns.pop() if uniform else None)
 
@@ -364,9 +386,11 @@ def write_report(out: Path) -> dict:
                   "Mean ± 95% interval (t × sample std / √n, t the 97.5% quantile of Student's t with n − 1 "
                   "degrees of freedom" + (f": {t_quantile(0.95, n - 1):.3f}" if n and n > 1 else "") + ") over the episodes "
                   + (f"(n = {n} per cell, seeds {format_seeds(seeds)})" if n else "(n per cell as shown)")
-                  + ". The average is the mean of the domain means"
+                  + ". The average is over the domains"
                   + (", excluding the in-domain control" if len(s["averaged"]) < len(s["domains"]) else "")
-                  + "; its interval combines the domains' intervals."
+                  + ", over the seeds finished in every domain: each seed's mean over the domains, its interval "
+                  "Student's t over the seeds (one seed draws the way and shots of every domain's episode, so "
+                  "the domains are not independent)."
                   + (f" `{REFERENCE} − {BASELINE}`: paired difference on the same episodes, in points."
                      if s["gain"] else ""), "", *table1, ""]
         if s["before_mismatch"]:
@@ -376,7 +400,8 @@ def write_report(out: Path) -> dict:
             lines += ["### Paired differences", "",
                       "Accuracy of each task-adaptive method minus the static (SparseUpdate) and the full "
                       "(FullTrain) update on the same episodes, in points: mean ± 95% interval (Student's t) "
-                      "over the episodes both finished (n); the average combines the domains' intervals.", "",
+                      "over the episodes both finished (n); the average is over the seeds finished in every domain, as "
+                      "in Table 1.", "",
                       *_paired_table(s), ""]
         lines += ["### Table 2: backward pass costs", "",
                   "Means over every successful episode of all domains. Backward memory is the planner's "

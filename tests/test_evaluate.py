@@ -136,7 +136,7 @@ def test_report_without_matplotlib(inputs, tmp_path, monkeypatch, capsys):
     assert evaluate.main(["report", "--out", str(out)]) == 0
     assert "matplotlib is not installed" in capsys.readouterr().out
     assert (out / "report.md").exists() and not list(out.glob("*.png"))
-    assert "**average** (1 domain)" in (out / "report.md").read_text()
+    assert "**average** (1 domain" in (out / "report.md").read_text()
 
 
 def test_interrupt_keeps_finished_tasks_only(inputs, tmp_path):
@@ -507,6 +507,26 @@ def test_an_unwritable_out_folder_is_one_line(tmp_path, capsys):
                  "--out", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err
+
+
+def test_domain_average_is_over_seeds_when_the_seeds_are_shared():
+    """One seed draws the way and shots of every domain's episode, so the average over domains
+    takes its interval over the seeds (each seed's mean over the domains), not from the domains'
+    intervals as if independent; a partial grid with < 2 complete seeds falls back to that."""
+    from microtrain import evaluation_report as er
+
+    by_domain = {"a": {0: 0.1, 1: 0.3, 2: 0.2}, "b": {0: 0.3, 1: 0.5}}
+    mean, half, n = er.domain_average(by_domain, ["a", "b"])
+    per_seed = [0.2, 0.4]  # seed 2 is missing in b
+    assert n == 2 and mean == pytest.approx(0.3)
+    assert half == pytest.approx(stats.t_quantile(0.95, 1) * np.std(per_seed, ddof=1) / np.sqrt(2))
+    # perfectly correlated domains: the combined-intervals formula would be 1/sqrt(2) as wide
+    same = {"a": {0: 0.1, 1: 0.3}, "b": {0: 0.1, 1: 0.3}}
+    combined = er._combine([stats.mean_ci([0.1, 0.3])] * 2)[1]
+    assert er.domain_average(same, ["a", "b"])[1] == pytest.approx(combined * np.sqrt(2))
+    mean, half, n = er.domain_average({"a": {0: 0.1, 1: 0.3}, "b": {2: 0.5, 3: 0.7}}, ["a", "b"])
+    assert n == 0 and mean == pytest.approx(0.4) and half == pytest.approx(combined)
+    assert er.domain_average({"a": {0: 0.1}, "b": {}}, ["a", "b"]) is None
 
 
 def test_paired_differences_of_the_adaptive_methods():

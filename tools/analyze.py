@@ -583,20 +583,19 @@ def _method_results(ctx: Context, methods) -> dict:
 
 
 def _average(rep, res, backbone, method, domains):
-    cells = [rep.mean_ci([r["accuracy_after"] for r in res[(backbone, method, d)].values()]) for d in domains
-             if (backbone, method, d) in res]
-    return rep._combine(cells) if len(cells) == len(domains) else (float("nan"), None)
+    """(mean, half-width) of a method's accuracy averaged over the domains (``domain_average``)."""
+    mean = rep.domain_average({d: {s: r["accuracy_after"] for s, r in res.get((backbone, method, d), {}).items()}
+                               for d in domains}, list(domains))
+    return mean[:2] if mean else (float("nan"), None)
 
 
 def _paired(rep, a: dict, b: dict, domains) -> tuple[float, float | None]:
-    """Mean over domains of the paired per-episode differences a - b, with the combined interval."""
-    cells = []
-    for d in domains:
-        seeds = sorted(set(a.get(d, {})) & set(b.get(d, {})))
-        if not seeds:
-            return float("nan"), None
-        cells.append(rep.mean_ci([a[d][s]["accuracy_after"] - b[d][s]["accuracy_after"] for s in seeds]))
-    return rep._combine(cells)
+    """(mean, half-width) over the domains of the paired per-episode differences a - b
+    (``domain_average``)."""
+    diffs = {d: {s: a[d][s]["accuracy_after"] - b[d][s]["accuracy_after"]
+                 for s in sorted(set(a.get(d, {})) & set(b.get(d, {})))} for d in domains}
+    mean = rep.domain_average(diffs, list(domains))
+    return mean[:2] if mean else (float("nan"), None)
 
 
 def report_compare(ctx: Context, methods, reference: str, backbone: str | None = None) -> None:
