@@ -17,9 +17,15 @@ engine's planner:
    reachable layer's per-sample weight and bias gradients. Per output channel: the empirical
    Fisher information of its weight row (mean over samples of the squared gradient norm), its
    RMS per weight, and the squared norm of the mean gradient ("signal").
-3. **Value of a channel** (``value``): by default ``'gain'``, the signal divided by the RMS
-   per-sample gradient: the first-order loss decrease of a step, discounted where the gradient is
-   noisy or large (those rows made plain SGD diverge when ranked by the raw Fisher trace).
+3. **Value of a channel** (``value``): by default ``'shift'``, the empirical Fisher information of
+   the channel's bias, mean over samples of (sum over positions of the output gradient)^2: how
+   much the task's loss wants that channel's output shifted. A weight row is worth its output
+   channel's shift Fisher. Of the quantities measured, this one ranked layers by their measured
+   single-layer gain best (one Traffic Sign episode: Spearman +0.68 against +0.08 to +0.15 for
+   the rows' trace, signal and gain, and -0.62 for Eq. 3), and it was the best of the variants on
+   25 validation episodes of each protocol, at the lowest memory. ``'gain'`` (the rows' signal divided by their RMS per-sample gradient), ``'trace'``
+   (mean squared per-sample gradient; made plain SGD diverge) and ``'signal'`` are the variants
+   it was compared with.
 4. **Units and their costs.** The biases of every layer behind the depth are trained (a few
    bytes each, and the reach is paid for anyway). The weights of each reachable layer are offered
    in ``groups`` groups of output channels in decreasing value; a group's cost is the planner's
@@ -56,8 +62,8 @@ class PlusRule:
     reach: float = 1.0  # share of the MAC budget the depth (input gradients + kept biases) may use
     groups: int = 8  # a layer's weights are offered in this many output-channel groups
     cost: str = "sum"  # normalised cost of a group: 'sum' (mem/B_mem + MACs/B_mac) or 'max'
-    value: str = "gain"  # 'gain' (signal / RMS per-sample gradient), 'trace' (mean squared per-sample
-    # gradient) or 'signal' (squared norm of the mean gradient)
+    value: str = "shift"  # 'shift' (the output channel's bias Fisher), 'gain' (signal / RMS per-sample
+    # gradient), 'trace' (mean squared per-sample gradient) or 'signal' (squared norm of the mean gradient)
     precondition: float = 0.0  # step multiplier of a channel: (RMS gradient of the selection / its own)^this
     bias_step: float = 1.0  # biases' steps are multiplied by this (weights' by 1)
     depth: str = "best"  # 'best' (most Fisher information) or 'deepest' (earliest reachable layer)
@@ -153,9 +159,10 @@ class GroupFisher:
         return np.sqrt(self.rows / self.row_size)
 
     def values(self, kind: str, weights: bool = True) -> np.ndarray:
-        """A unit value per channel (C,): 'trace', 'signal', or 'gain' (signal / RMS per-sample
-        gradient of one weight: the first-order loss decrease of a step, discounted by the
-        gradient's noise and size)."""
+        """A unit value per channel (C,): 'shift' (the bias's Fisher information, for weights and
+        biases alike), 'trace', 'signal', or 'gain' (signal / RMS per-sample gradient of one
+        weight: the first-order loss decrease of a step, discounted by the gradient's noise and
+        size)."""
         if kind == "shift":  # a row is worth its output channel's shift Fisher, as is the bias
             return self.bias
         if kind == "trace":

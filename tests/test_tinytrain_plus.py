@@ -125,7 +125,7 @@ def _random_fisher(net, seed):
 
 @settings(max_examples=25, deadline=None)
 @given(mem=st.integers(1_000, 120_000), share=st.floats(0.05, 1.5), seed=st.integers(0, 1000),
-       depth=st.sampled_from(["best", "deepest"]), value=st.sampled_from(["trace", "signal", "gain"]),
+       depth=st.sampled_from(["best", "deepest"]), value=st.sampled_from(["shift", "trace", "signal", "gain"]),
        cost=st.sampled_from(["sum", "max"]))
 def test_selection_stays_within_both_budgets(mem, share, seed, depth, value, cost):
     net = small_net()
