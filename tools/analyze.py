@@ -394,7 +394,9 @@ def _plot_layers(plt, panels, ratios):
                 xs = [p[0] + (k - 1.5) * 0.18 for p in pts]
                 ax.bar(xs, [100 * p[col + 1] for p in pts], width=0.18, label=f"{100 * q:g}% channels")
             ax.axhline(0, color="gray", lw=0.6)
-            ax.set_title(f"{name}: {titles[col]}", fontsize=9)
+            if col == 1:  # per parameter spans orders of magnitude (small early layers)
+                ax.set_yscale("symlog", linthresh=1.0)
+            ax.set_title(f"{name}: {titles[col]}" + (" (symlog)" if col == 1 else ""), fontsize=9)
             ax.set_xlabel("layer (conv index)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
