@@ -94,14 +94,27 @@ def test_channels_and_rank(inputs, tmp_path, capsys):  # noqa: F811
 
     # Make each measured gain a decreasing function of the layer's Fisher potential in that
     # episode: the rank correlation of P with the gain must come out as exactly -1.
-    fisher = {r["seed"]: r for r in _records(out, "fisher")}
-    for path in (out / "layer").rglob("*_1-fisher/*.json"):
-        r = json.loads(path.read_text())
-        r["accuracy_after"] = r["accuracy_before"] - fisher[r["seed"]]["potential"][r["layer"]]
-        path.write_text(json.dumps(r))
-    _run(capsys, "rank", *common, "--report-only")
-    row = next(line for line in (out / "rank.md").read_text().splitlines() if line.startswith("| tiny |"))
-    assert row.split(" | ")[4] == "-1.00 ± 0.00" and row.split(" | ")[7] == "-1.00"
+    fisher = {r["seed"]: r for r in _records(out, "fisher") if "potential" in r}
+    shift = {r["seed"]: r for r in _records(out, "fisher") if "shift" in r}
+    assert set(shift) == set(fisher) and all(set(r["shift"]) == set(fisher[s]["potential"]) for s, r in shift.items())
+
+    def gains_from(criterion):
+        for path in (out / "layer").rglob("*_1-fisher/*.json"):
+            r = json.loads(path.read_text())
+            r["accuracy_after"] = r["accuracy_before"] - criterion[r["seed"]][r["layer"]]
+            path.write_text(json.dumps(r))
+        _run(capsys, "rank", *common, "--report-only")
+        row = next(line for line in (out / "rank.md").read_text().splitlines() if line.startswith("| tiny |"))
+        return row.split(" | ")
+
+    cols = gains_from({s: r["potential"] for s, r in fisher.items()})
+    assert cols[4] == "-1.00 ± 0.00" and cols[8] == "-1.00"  # P per episode, and of the means
+    reach = max(r["reach_index"] for r in shift.values())
+    assert cols[10] == f"{9 - reach} (from #{reach})"
+    if 9 - reach >= 3:  # within the reachable window too
+        assert cols[11] == "-1.00 ± 0.00"
+    cols = gains_from({s: r["shift"] for s, r in shift.items()})
+    assert cols[6] == "-1.00 ± 0.00"  # TinyTrain+'s criterion
 
 
 def test_meta_and_compare(inputs, tmp_path, capsys):  # noqa: F811

@@ -272,6 +272,41 @@ def _fisher(ctx, backbone, domain, seed) -> dict:
     return _ev().read_record(path)
 
 
+def shift_task(ctx: Context, backbone: str, domain: str, seed: int):
+    """TinyTrain+'s criterion on one episode: each layer's shift Fisher information (its biases'
+    empirical Fisher, ``tinytrain_plus.measured_fisher``, summed over the channels), and the
+    earliest layer TinyTrain's budgets let the backward reach (``tinytrain_plus.reachable_depths``)."""
+    def run():
+        import numpy as np
+
+        from microtrain import tinytrain_plus
+        from microtrain.data import augment, to_input
+        from microtrain.train import class_prototypes, embed
+
+        net = ctx.backbones[backbone]
+        ep, im = ctx.episode(domain, seed, net.resolution)
+        cfg, labels = ctx.finetune_config(), ep.support_labels
+        protos = class_prototypes(embed(net, im.support), labels, int(labels.max()) + 1)
+        rng = np.random.default_rng(cfg.seed)
+        names = [layer.name for layer in net.layers]
+        fisher = tinytrain_plus.measured_fisher(net, names, lambda i: to_input(augment(im.support[i], rng)[None]),
+                                                labels, protos, cfg.scale)
+        budgets = ctx.budgets(net)
+        reach = tinytrain_plus.reachable_depths(net.protonet_graph(1, len(protos), cfg.scale), net.layers,
+                                                budgets.memory, budgets.macs, momentum=True)
+        return {"backbone": backbone, "domain": domain, "seed": seed,
+                "shift": {n: float(fisher[n].bias.sum()) for n in names},
+                "reach_index": min(reach) if reach else len(names)}
+    return record_path(ctx.out, "fisher", backbone, domain, "shift", seed), run
+
+
+def _shift(ctx, backbone, domain, seed) -> dict:
+    path, run = shift_task(ctx, backbone, domain, seed)
+    if not path.exists():
+        run_tasks(ctx, [(path, run)])
+    return _ev().read_record(path)
+
+
 def layer_task(ctx: Context, backbone: str, domain: str, seed: int, layer: str, ratio: float, policy: str):
     """Fine-tune only ``ratio`` of ``layer``'s output channels (weights and biases), chosen by
     ``policy``: Fisher information (dynamic), at random, or by weight L2 norm."""
@@ -429,13 +464,18 @@ def report_rank(ctx: Context, ratio: float) -> None:
 
     lines = _header(ctx, "How well Fisher potential (Eq. 2) and the Eq. 3 score rank layers by measured gain")
     lines += [f"Spearman correlation across layers between a criterion and the measured gain of updating "
-              f"{100 * ratio:g}% of that layer's channels (its top channels by Fisher information). Per episode "
-              "(the criterion and the gains of that episode), mean ± 95% interval over episodes; 'of means': "
-              "the criterion's and the gain's means over the episodes. Gain per cost: the gain divided by the "
-              "layer's normalised parameter count × normalised MACs, the quantity Eq. 3 divides by.", "",
-              "| backbone | domain | layers | episodes | ρ(P, gain) | ρ(s, gain) | ρ(s, gain per cost) | "
-              "ρ(P, gain) of means | ρ(s, gain) of means | best layer by gain | by P | by s |",
-              "|" + "---|" * 12]
+              f"{100 * ratio:g}% of that layer's channels (its top channels by Fisher information). Criteria: P, "
+              "TinyTrain's Fisher potential (Eq. 2); s, its Eq. 3 score; shift, TinyTrain+'s shift Fisher "
+              "information (the layer's biases' empirical Fisher). Per episode (the criterion and the gains of that "
+              "episode), mean ± 95% interval over episodes; 'of means': the criterion's and the gain's means over the "
+              "episodes. Gain per cost: the gain divided by the layer's normalised parameter count × normalised "
+              "MACs, the quantity Eq. 3 divides by. 'Reachable': only the layers from the earliest one the backward "
+              "pass can reach within TinyTrain's budgets (the latest such layer over the episodes), the window "
+              "both selections choose in.", "",
+              "| backbone | domain | layers | episodes | ρ(P, gain) | ρ(s, gain) | ρ(shift, gain) | ρ(s, gain per cost) | "
+              "ρ(P, gain) of means | ρ(s, gain) of means | reachable layers | ρ(P, gain) reachable | "
+              "ρ(s, gain) reachable | ρ(shift, gain) reachable | best layer by gain | by P | by s | by shift |",
+              "|" + "---|" * 18]
     points = []
     for backbone, net in ctx.backbones.items():
         max_w = max(l.weight_count for l in net.layers)
@@ -447,23 +487,34 @@ def report_rank(ctx: Context, ratio: float) -> None:
             if len(layers) < 3 or not seeds:
                 continue
             fisher = {s: _fisher(ctx, backbone, domain, s) for s in seeds}
-            rows = {"pg": [], "sg": [], "sc": []}
+            shift = {s: _shift(ctx, backbone, domain, s) for s in seeds}
             gains = np.array([[_gain(res[(l.name, ratio, "fisher")][s]) for l in layers] for s in seeds])
-            pots = np.array([[fisher[s]["potential"][l.name] for l in layers] for s in seeds])
-            scores = np.array([[fisher[s]["score"][l.name] for l in layers] for s in seeds])
+            crit = {"P": np.array([[fisher[s]["potential"][l.name] for l in layers] for s in seeds]),
+                    "s": np.array([[fisher[s]["score"][l.name] for l in layers] for s in seeds]),
+                    "shift": np.array([[shift[s]["shift"][l.name] for l in layers] for s in seeds])}
             cost = np.array([(l.weight_count / max_w) * (l.macs / max_m) for l in layers])
-            for i in range(len(seeds)):
-                rows["pg"].append(spearman(pots[i], gains[i]))
-                rows["sg"].append(spearman(scores[i], gains[i]))
-                rows["sc"].append(spearman(scores[i], gains[i] / cost))
-            cells = [rep.mean_ci([v for v in rows[k] if math.isfinite(v)]) for k in ("pg", "sg", "sc")]
-            mean_g, mean_p, mean_s = gains.mean(0), pots.mean(0), scores.mean(0)
+            reach = max(shift[s]["reach_index"] for s in seeds)
+            near = np.array([l.index >= reach for l in layers])
+
+            def rho(name, mask=None, per_cost=False):
+                out = []
+                for i in range(len(seeds)):
+                    g = gains[i] / cost if per_cost else gains[i]
+                    c = crit[name][i]
+                    out.append(spearman(c[mask], g[mask]) if mask is not None else spearman(c, g))
+                return rep.mean_ci([v for v in out if math.isfinite(v)])
+
+            cells = [rho("P"), rho("s"), rho("shift"), rho("s", per_cost=True)]
+            window = [rho(k, near) for k in ("P", "s", "shift")] if near.sum() >= 3 else [(float("nan"), None)] * 3
+            mean_g = gains.mean(0)
             best = lambda v: layers[int(np.argmax(v))].name  # noqa: E731
             lines.append("| " + " | ".join([
                 backbone, rep._label(domain), str(len(layers)), str(len(seeds)),
-                *[_rho(*c[:2]) for c in cells], _rho(spearman(mean_p, mean_g)), _rho(spearman(mean_s, mean_g)),
-                best(mean_g), best(mean_p), best(mean_s)]) + " |")
-            points.append((f"{backbone}, {rep._label(domain)}", mean_p, mean_s, mean_g))
+                *[_rho(*c[:2]) for c in cells], _rho(spearman(crit["P"].mean(0), mean_g)),
+                _rho(spearman(crit["s"].mean(0), mean_g)), f"{int(near.sum())} (from #{reach})",
+                *[_rho(*c[:2]) for c in window],
+                best(mean_g), best(crit["P"].mean(0)), best(crit["s"].mean(0)), best(crit["shift"].mean(0))]) + " |")
+            points.append((f"{backbone}, {rep._label(domain)}", crit["P"].mean(0), crit["s"].mean(0), mean_g))
     lines.append("")
     _write_report(ctx, "rank", lines)
     _figure(ctx, "rank", lambda plt: _plot_rank(plt, points))
