@@ -178,9 +178,11 @@ def _method_config(plan: MethodPlan, cfg: FinetuneConfig) -> FinetuneConfig:
 def _log_selection(plan: MethodPlan, log) -> None:
     if plan.choices:
         log(f"selection ({plan.method}, {plan.seconds:.2f} s):")
-        log(f"  {'layer':<24} {'channels':>11} {'score':>12}")
+        log(f"  {'layer':<24} {'weight rows':>11} {'biases':>7} {'score':>12}")
         for name, kept, total, score in plan.choices:
-            log(f"  {name:<24} {kept:>4} / {total:<4} {score:>12.4g}")
+            upd = plan.selection.get(name)
+            biases = len(upd.bias) if upd is not None and upd.trains_bias else 0
+            log(f"  {name:<24} {kept:>4} / {total:<4} {biases:>7} {score:>12.4g}")
 
 
 def _check(net: Network, support, support_labels, query, query_labels, support_embeddings, method, budgets,

@@ -210,7 +210,7 @@ def test_a_classifier_adapts_further_and_keeps_its_classes(tiny_task, tmp_path, 
     second = Classifier.load(tmp_path / "b" / "classifier.npz")
     assert second.classes == first.classes == ["blue", "green", "red"]
     assert second.provenance["base_model"] == str(tmp_path / "a" / "classifier.npz")
-    assert second.provenance["method"] == "lastlayer" and first.provenance["method"] == "tinytrain"
+    assert second.provenance["method"] == "lastlayer" and first.provenance["method"] == "tinytrain-plus"
     assert capsys.readouterr().err == ""
 
 
@@ -241,6 +241,14 @@ def test_progress_lines_stay_in_order_when_piped(tiny_task, tmp_path):
     assert len(training) == 11
     assert first("selection (") < training[0] and training == list(range(training[0], training[0] + 11))
     assert training[-1] < first("memory plan") < first("query accuracy after")
+    # the default method's selection: every layer it trains, with its weight rows and its biases
+    # (TinyTrain+ trains every bias behind its depth, weight rows only in some layers)
+    header = lines[first("selection (tinytrain-plus") + 1].split()
+    assert header == ["layer", "weight", "rows", "biases", "score"]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    rows = lines[first("selection (") + 2:training[0]]
+    assert [r.split()[0] for r in rows] == [c["layer"] for c in report["selection"]]
+    assert all(int(r.split()[4]) > 0 for r in rows)
 
 
 def test_peak_memory_is_measured_portably(monkeypatch):
