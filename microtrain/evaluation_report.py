@@ -211,9 +211,10 @@ def _table1(s: dict) -> tuple[list[str], int | None]:
             row.append(_pm(*g[:2], signed=True) if g else "–")
         lines.append("| " + " | ".join(row) + " |")
     if s["averaged"]:
-        seeds = sorted({s["average"][m][2] for m in methods if m in s["average"]} - {0})
-        row = [f"**average** ({len(s['averaged'])} domain{'s' if len(s['averaged']) > 1 else ''}"
-               + (f", n={'–'.join(map(str, seeds[::max(1, len(seeds) - 1)]))} seeds" if seeds else "") + ")"]
+        counts = sorted({s["average"][m][2] for m in methods if m in s["average"]} - {0})  # seeds per method
+        span = ("" if not counts else f", n={counts[0]} seeds" if len(counts) == 1
+                else f", n={counts[0]}–{counts[-1]} seeds")
+        row = [f"**average** ({len(s['averaged'])} domain{'s' if len(s['averaged']) > 1 else ''}{span})"]
         row += [f"**{_pm(*s['average'][m][:2])}**" if m in s["average"] else "–" for m in methods]
         if has_gain:
             g = s["gain"].get("average")

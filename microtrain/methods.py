@@ -120,9 +120,7 @@ def plan_sparse_update_fisher(net: Network, support: np.ndarray, labels: np.ndar
     names = [net.layers[i].name for i in sorted(weights)]
     ways = int(labels.max()) + 1
     protos = class_prototypes(embed(net, support) if embeddings is None else embeddings, labels, ways)
-    rng = np.random.default_rng(seed)  # the pseudo-queries TinyTrain's Fisher pass draws
-    fisher = tinytrain_plus.measured_fisher(net, names, lambda i: to_input(augment(support[i], rng)[None]), labels,
-                                            protos, scale) if names else {}
+    fisher = tinytrain_plus.support_fisher(net, names, support, labels, protos, scale, seed) if names else {}
     plan = plan_sparse_update(net, {name: f.cols for name, f in fisher.items()} if names else None)
     plan.method = "sparseupdate-fisher"
     return plan

@@ -23,9 +23,9 @@ engine's planner:
    channel's shift Fisher. Of the quantities measured, this one ranked layers by their measured
    single-layer gain best (one Traffic Sign episode: Spearman +0.68 against +0.08 to +0.15 for
    the rows' trace, signal and gain, and -0.62 for Eq. 3), and it was the best of the variants on
-   25 validation episodes of each protocol, at the lowest memory. ``'gain'`` (the rows' signal divided by their RMS per-sample gradient), ``'trace'``
-   (mean squared per-sample gradient; made plain SGD diverge) and ``'signal'`` are the variants
-   it was compared with.
+   25 validation episodes of each protocol, at the lowest memory. ``'gain'`` (the rows' signal
+   divided by their RMS per-sample gradient), ``'trace'`` (mean squared per-sample gradient; made
+   plain SGD diverge) and ``'signal'`` are the variants it was compared with.
 4. **Units and their costs.** The biases of every layer behind the depth are trained (a few
    bytes each, and the reach is paid for anyway). The weights of each reachable layer are offered
    in ``groups`` groups of output channels in decreasing value; a group's cost is the planner's
@@ -216,6 +216,15 @@ def measured_fisher(net: Network, names: list[str], inputs, labels: np.ndarray, 
     return out
 
 
+def support_fisher(net: Network, names: list[str], support: np.ndarray, labels: np.ndarray,
+                   prototypes: np.ndarray, scale: float, seed: int) -> dict[str, GroupFisher]:
+    """``measured_fisher`` on a support set (uint8 (N, 3, R, R), int64 labels (N,)), each image
+    augmented as fine-tuning's pseudo-queries are, with ``numpy.random.default_rng(seed)`` (the
+    stream TinyTrain's Fisher pass draws)."""
+    rng = np.random.default_rng(seed)
+    return measured_fisher(net, names, lambda i: to_input(augment(support[i], rng)[None]), labels, prototypes, scale)
+
+
 def row_scales(selection: Selection, fisher: dict[str, GroupFisher], power: float,
                bias_step: float = 1.0) -> dict | None:
     """Per trained channel, the step multiplier (RMS gradient of the selection / the channel's)^power
@@ -390,9 +399,7 @@ def plan(net: Network, support: np.ndarray, labels: np.ndarray, mem_budget: int,
         raise BudgetError(f"no layer fits a backward budget of {mem_budget} bytes and {mac_budget} MACs: the last "
                           f"layer's biases need {last.memory} bytes and {last.macs} MACs")
     names = [layer.name for layer in net.layers[min(reach):]]
-    rng = np.random.default_rng(seed)  # the same pseudo-queries TinyTrain's Fisher pass uses
-    fisher = measured_fisher(net, names, lambda i: to_input(augment(support[i], rng)[None]), labels, prototypes,
-                             scale)
+    fisher = support_fisher(net, names, support, labels, prototypes, scale, seed)
     result = select(graph, net.layers, reach, fisher, mem_budget, mac_budget, momentum, rule)
     result.row_scales = row_scales(result.selection, fisher, rule.precondition, rule.bias_step)
     return result

@@ -104,7 +104,9 @@ def test_channels_and_rank(inputs, tmp_path, capsys):  # noqa: F811
             r["accuracy_after"] = r["accuracy_before"] - criterion[r["seed"]][r["layer"]]
             path.write_text(json.dumps(r))
         _run(capsys, "rank", *common, "--report-only")
-        row = next(line for line in (out / "rank.md").read_text().splitlines() if line.startswith("| tiny |"))
+        text = (out / "rank.md").read_text()
+        assert "--report-only" not in text  # the printed command computes the records, not only the table
+        row = next(line for line in text.splitlines() if line.startswith("| tiny |"))
         return row.split(" | ")
 
     cols = gains_from({s: r["potential"] for s, r in fisher.items()})

@@ -265,11 +265,16 @@ def fisher_task(ctx: Context, backbone: str, domain: str, seed: int):
     return record_path(ctx.out, "fisher", backbone, domain, "fisher", seed), run
 
 
-def _fisher(ctx, backbone, domain, seed) -> dict:
-    path, run = fisher_task(ctx, backbone, domain, seed)
+def _record(ctx: Context, task) -> dict:
+    """The record of a (path, thunk) task, run first if it is not there yet."""
+    path, run = task
     if not path.exists():
         run_tasks(ctx, [(path, run)])
     return _ev().read_record(path)
+
+
+def _fisher(ctx, backbone, domain, seed) -> dict:
+    return _record(ctx, fisher_task(ctx, backbone, domain, seed))
 
 
 def shift_task(ctx: Context, backbone: str, domain: str, seed: int):
@@ -277,20 +282,15 @@ def shift_task(ctx: Context, backbone: str, domain: str, seed: int):
     empirical Fisher, ``tinytrain_plus.measured_fisher``, summed over the channels), and the
     earliest layer TinyTrain's budgets let the backward reach (``tinytrain_plus.reachable_depths``)."""
     def run():
-        import numpy as np
-
         from microtrain import tinytrain_plus
-        from microtrain.data import augment, to_input
         from microtrain.train import class_prototypes, embed
 
         net = ctx.backbones[backbone]
         ep, im = ctx.episode(domain, seed, net.resolution)
         cfg, labels = ctx.finetune_config(), ep.support_labels
         protos = class_prototypes(embed(net, im.support), labels, int(labels.max()) + 1)
-        rng = np.random.default_rng(cfg.seed)
         names = [layer.name for layer in net.layers]
-        fisher = tinytrain_plus.measured_fisher(net, names, lambda i: to_input(augment(im.support[i], rng)[None]),
-                                                labels, protos, cfg.scale)
+        fisher = tinytrain_plus.support_fisher(net, names, im.support, labels, protos, cfg.scale, cfg.seed)
         budgets = ctx.budgets(net)
         reach = tinytrain_plus.reachable_depths(net.protonet_graph(1, len(protos), cfg.scale), net.layers,
                                                 budgets.memory, budgets.macs, momentum=True)
@@ -298,13 +298,6 @@ def shift_task(ctx: Context, backbone: str, domain: str, seed: int):
                 "shift": {n: float(fisher[n].bias.sum()) for n in names},
                 "reach_index": min(reach) if reach else len(names)}
     return record_path(ctx.out, "fisher", backbone, domain, "shift", seed), run
-
-
-def _shift(ctx, backbone, domain, seed) -> dict:
-    path, run = shift_task(ctx, backbone, domain, seed)
-    if not path.exists():
-        run_tasks(ctx, [(path, run)])
-    return _ev().read_record(path)
 
 
 def layer_task(ctx: Context, backbone: str, domain: str, seed: int, layer: str, ratio: float, policy: str):
@@ -487,7 +480,7 @@ def report_rank(ctx: Context, ratio: float) -> None:
             if len(layers) < 3 or not seeds:
                 continue
             fisher = {s: _fisher(ctx, backbone, domain, s) for s in seeds}
-            shift = {s: _shift(ctx, backbone, domain, s) for s in seeds}
+            shift = {s: _record(ctx, shift_task(ctx, backbone, domain, s)) for s in seeds}
             gains = np.array([[_gain(res[(l.name, ratio, "fisher")][s]) for l in layers] for s in seeds])
             crit = {"P": np.array([[fisher[s]["potential"][l.name] for l in layers] for s in seeds]),
                     "s": np.array([[fisher[s]["score"][l.name] for l in layers] for s in seeds]),
@@ -726,7 +719,7 @@ def _plot_meta(plt, bars, a, b):
 def _header(ctx: Context, title: str) -> list[str]:
     ev = _ev()
     s = ctx.settings
-    argv = [*PROG.split(), *ctx.argv]
+    argv = [*PROG.split(), *(a for a in ctx.argv if a != "--report-only")]  # the command that computes it
     return [f"# {title}", "", "Regenerate (finished records are kept):", "", "```",
             " ".join(shlex.quote(a) for a in argv), "```", "",
             f"Seeds {ev.format_seeds(ctx.seeds)}; " + "; ".join(ev.describe_settings(s, [])).replace("- ", ""), ""]
