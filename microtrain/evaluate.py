@@ -24,19 +24,21 @@ N workers use N cores) or, with ``--scheduler``, on a Dask cluster (``pip instal
 prints the mean seconds per task the records measured and a larger grid's wall time on N workers.
 
 The grid itself is ``microtrain.evaluation``, the report ``microtrain.evaluation_report``. Bad
-options: one line on stderr, exit status 2. Ctrl-C: exit status 130.
+options: one line on stderr, exit status 2. Ctrl-C: exit status 130; SIGTERM: 143. Either ends the
+worker processes; finished episodes are kept.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from functools import partial
 from pathlib import Path
 
 from .evaluation import (BACKBONES, DEFAULT_DOMAINS, DOMAINS, PAPER_METHODS, PROG, PROTOCOLS, GridError,
-                         add_settings_options, duration, execute, parse_seeds, plan_grid, read_record, run_pool,
-                         settings_of, split_list, stored_settings)
+                         Terminated, add_settings_options, duration, execute, parse_seeds, plan_grid, read_record,
+                         run_pool, settings_of, split_list, stored_settings)
 from .paths import MissingSharedError
 
 
@@ -208,6 +210,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: finished episodes are kept; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Terminated:
+        print("terminated: finished episodes are kept; rerun the same command to resume", file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":

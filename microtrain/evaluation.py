@@ -30,6 +30,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -624,11 +625,30 @@ _NETS: dict = {}      # weights SHA-256 -> Network, per worker process
 _DATASETS: dict = {}  # data SHA-256 -> Dataset
 
 
+class Terminated(Exception):
+    """The run received SIGTERM (``kill``, a scheduler's time limit): raised in the main thread so
+    the pool's workers are ended before the process exits, as on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _exit_with_parent(parent: int, period: float = 1.0) -> None:
+    """End this worker once its parent is gone (killed with SIGKILL, which no handler sees): an
+    orphaned worker would otherwise go on computing a task nobody will record."""
+    while os.getppid() == parent:
+        time.sleep(period)
+    os._exit(1)
+
+
 def init_worker() -> None:
     """Runs first in each spawned pool process, before anything imports NumPy or Numba."""
     for var in THREAD_VARS:
         os.environ[var] = "1"
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
 
 
 def _plain(obj):
@@ -786,11 +806,15 @@ def _stop_pool(pool) -> None:
 
 def run_pool(tasks: list[dict], finish, workers: int = 2) -> None:
     """Run ``tasks`` on ``workers`` spawned processes (0: in this process), calling ``finish(record)``
-    in this process as each completes. Ctrl-C ends the workers (their current tasks are lost)."""
+    in this process as each completes. Ctrl-C (KeyboardInterrupt) or SIGTERM (``Terminated``, when
+    called from the main thread) ends the workers, their current tasks lost, and is re-raised; a
+    worker whose parent was killed outright ends itself within a second (``_exit_with_parent``)."""
     if workers == 0:
         for task in tasks:
             finish(run_task(task))
         return
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=init_worker)
     try:
@@ -800,6 +824,9 @@ def run_pool(tasks: list[dict], finish, workers: int = 2) -> None:
     except BaseException:
         _stop_pool(pool)
         raise
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
     pool.shutdown(wait=True)
 
 

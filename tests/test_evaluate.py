@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,48 @@ def test_interrupt_keeps_finished_tasks_only(inputs, tmp_path):
     seed0 = {out / "episodes/tiny/toy" / m / "0.json" for m in ("none", "tinytrain")}
     assert set(files(out)) == set(done) | seed0
     assert {p: t for p, t in files(out).items() if p in done} == done
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    """True once process ``pid`` has ended within ``seconds`` (an ended orphan waiting for its new
+    parent to reap it, a zombie, counts as ended)."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (ProcessLookupError, FileNotFoundError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGKILL, -signal.SIGKILL)])
+def test_killed_run_ends_its_workers(inputs, tmp_path, sig, status):
+    """`kill` of a pooled run (SIGTERM: exit 143 with a one-line message) or SIGKILL of it: no worker
+    goes on computing as an orphan, and no partial file is left. Found when a SIGTERM'd grid left
+    its worker running."""
+    weights, data = inputs
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "microtrain.evaluate", *args(weights, data, out, methods="none,tinytrain")]
+    cmd[cmd.index("--episodes") + 1] = "30"
+    cmd[cmd.index("--epochs") + 1] = "40"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        while "[ 1/60]" not in proc.stdout.readline():
+            assert proc.poll() is None, proc.stderr.read()
+        (record,) = files(out)
+        worker = json.loads(record.read_text())["worker"]["pid"]
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == status
+    if sig == signal.SIGTERM:
+        assert err.strip().splitlines() == ["terminated: finished episodes are kept; rerun the same command to resume"]
+    assert _gone_within(worker, 10), "the pool worker outlived the run"
+    assert not list(out.rglob("*.tmp"))
 
 
 @pytest.mark.parametrize("extra,message", [
