@@ -19,7 +19,8 @@ _spec.loader.exec_module(bench)
     (["step", "--batch", "x"], "bench.py step: error: argument --batch: takes comma-separated integers, got 'x'"),
     (["step", "--batch", "1,0"], "bench.py step: error: argument --batch: sizes must be >= 1, got '1,0'"),
     (["step", "--methods", "fulltrain,bogus"], "bench.py step: error: argument --methods: unknown bogus; choose from "
-                                               "none, lastlayer, fulltrain, sparseupdate, tinytrain"),
+                                               "none, lastlayer, fulltrain, sparseupdate, tinytrain, "
+                                               "tinytrain-plus"),
     (["step", "--backbones", "resnet"], "bench.py step: error: argument --backbones: unknown resnet; choose from "
                                         "mcunet-5fps, mbv2-w0.35, proxyless-w0.3"),
     (["--threads", "0", "step"], "bench.py: error: argument --threads: must be >= 1, got 0"),

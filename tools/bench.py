@@ -130,8 +130,9 @@ def _kernel_cases(kind, I, O, k, s, S, np, K, torch):
         def bww(ch):
             dw = np.empty((len(ch), I, 1, 1), np.float32)
             return lambda: K.pointwise_backward_weight(dw, dy, x, ch)
-    t_fwd = t_bwi = t_bww = None
-    if torch is not None:
+    if torch is None:
+        t_fwd = t_bwi = t_bww = None
+    else:
         tx, tw, tb, tdy = (torch.from_numpy(a) for a in (x, w, b, dy))
         p = (k - 1) // 2
         F = torch.nn.functional
@@ -295,7 +296,7 @@ def thread_report(threads, torch, policy=None) -> str:
 
 
 # --------------------------------------------------------------------------- step
-STEP_METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytrain")
+STEP_METHODS = ("none", "lastlayer", "fulltrain", "sparseupdate", "tinytrain", "tinytrain-plus")
 BACKBONES = ("mcunet-5fps", "mbv2-w0.35", "proxyless-w0.3")
 TARGET_BACKBONE = "mcunet-5fps"
 PAUSE_S = 0.3  # before each timed batch when a library runs more than one thread
@@ -426,7 +427,7 @@ class StepCase:
         self.feeds = feeds = {"image": x, "prototypes": protos, "labels": label}
         self.trains = plan.trains
         if plan.trains:
-            self.opt = opt = SGD(self.lr, self.momentum, cfg.weight_decay)
+            self.opt = opt = SGD(self.lr, self.momentum, cfg.weight_decay, plan.row_scales)  # as finetune's
 
             def mt_step():
                 run.forward(feeds)
@@ -500,7 +501,6 @@ def _profile_mt(case: StepCase, steps: int) -> None:
     BLAS calls inside it timed separately (module globals wrapped for the duration), so each
     (phase, op) splits into kernel time and Python time (op method + kernel wrapper checks)."""
     import numpy as np
-    from microtrain.autograd import CrossEntropy  # noqa: F401 - the executor this mirrors
 
     run, opt, feeds = case.run, case.opt, case.feeds
     plain = median_time(case.mt_step, repeats=15, min_batch_s=0.05)
@@ -790,6 +790,10 @@ def cmd_step(args) -> int:
             tt = plans["tinytrain"]
             print(f"TinyTrain selection (planned once, {tt.seconds:.2f} s, then fixed): "
                   + "; ".join(f"{n} {k}/{c} channels (score {s:.3g})" for n, k, c, s in tt.choices))
+        if "tinytrain-plus" in plans:
+            tt = plans["tinytrain-plus"]
+            print(f"TinyTrain+ selection (planned once, {tt.seconds:.2f} s, then fixed; every layer listed trains its "
+                  "biases): " + "; ".join(f"{n} {k}/{c} weight rows" if k else f"{n} biases" for n, k, c, _ in tt.choices))
         if "sparseupdate" in plans:
             su = plans["sparseupdate"].info
             print(f"SparseUpdate: biases of the last {su['bias_layers']} convs; weights of "
@@ -983,8 +987,8 @@ def cmd_rss(args) -> int:
         mt_wall = sorted(r[0] for r in runs["microtrain"])[args.runs // 2]
         t_wall = sorted(r[0] for r in runs["torch"])[args.runs // 2]
         ratio = mt_rss / t_rss
-        print(f"(other CPU = cores other processes used while that run went; training s = the run's own fine-tuning "
-              f"time, augmentation included; microtrain trains TinyTrain's channels, torch those layers whole)")
+        print("(other CPU = cores other processes used while that run went; training s = the run's own fine-tuning "
+              "time, augmentation included; microtrain trains TinyTrain's channels, torch those layers whole)")
         print(f"\npeak RSS: microtrain {mt_rss:.1f} MB, torch {t_rss:.1f} MB, ratio {ratio:.2f} "
               f"(target <= 0.5: {'met' if ratio <= 0.5 else 'MISSED'}); wall: microtrain {mt_wall:.2f} s, "
               f"torch {t_wall:.2f} s, ratio {mt_wall / t_wall:.2f}")
