@@ -496,12 +496,18 @@ def check_identity(what: str, path: str, sha256: str) -> None:
                             f"client's has {sha256[:16]}...: refusing to compute on other data")
 
 
-def _git_commit() -> str | None:
+CODE_PATHS = ("microtrain", "weights")  # what a task runs: the commit is "+dirty" if these differ from it
+
+
+def _git_commit(root: Path = REPO_ROOT) -> str | None:
+    """The checkout's commit (12 hex digits), "+dirty" when a tracked file of CODE_PATHS differs
+    from it; None outside a git checkout. A run's own records and config.json (tracked when its
+    folder is under reports/) do not make it dirty."""
     try:
-        out = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
                              capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                *CODE_PATHS], capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode:

@@ -597,3 +597,24 @@ def test_paired_differences_of_the_adaptive_methods():
     table = "\n".join(er._paired_table(s))
     assert "| tinytrain − sparseupdate | +5.0 ± " in table and "(n=3)" in table
     assert "| tinytrain-plus − fulltrain | +60.0 ± 0.0 (n=2) | -30.0 ± 0.0 (n=2) | **+15.0 ± 0.0** |" in table
+
+
+def test_commit_is_dirty_only_when_the_code_differs(tmp_path):
+    """A grid writing into a tracked reports/ folder changes its own config.json: that is not a code
+    change, so the records' commit must not say "+dirty" (every paper-protocol record did)."""
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (tmp_path / "microtrain").mkdir()
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "microtrain" / "kernel.py").write_text("x = 1\n")
+    (tmp_path / "reports" / "config.json").write_text("{}\n")
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-qm", "init"], check=True)
+    head = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert evaluation._git_commit(tmp_path) == head
+    (tmp_path / "reports" / "config.json").write_text('{"runs": []}\n')
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert evaluation._git_commit(tmp_path) == head
+    (tmp_path / "microtrain" / "kernel.py").write_text("x = 2\n")
+    assert evaluation._git_commit(tmp_path) == head + "+dirty"
+    assert evaluation._git_commit(tmp_path / "reports" / "nowhere") is None
