@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from microtrain import evaluate
 from test_evaluate import inputs  # noqa: F401  (the tiny backbone + dataset fixture)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,6 +138,42 @@ def test_meta_and_compare(inputs, tmp_path, capsys):  # noqa: F811
     recs = [r for r in _records(out, "method") if r["method"] == "tinytrain-plus:weights=false"]
     assert len(recs) == 2 and all(not any(s["channels"] for s in r["selection"]) for r in recs)
     assert all(r["selection_info"]["rule"] == "weights=False" for r in recs)
+
+
+def test_methods_run_as_the_grid_runs_them_and_meta_reads_a_grid(inputs, tmp_path, capsys):  # noqa: F811
+    """``compare``/``meta`` give each method its own fine-tuning (per-method batch and lr, as the
+    evaluation grid does: under --protocol paper FullTrain runs at batch 100), so a method's record
+    equals the grid's on the same episode; ``meta --grid`` reads a grid's records (Figure 6a)."""
+    from test_evaluate import args as grid_args
+
+    weights, data = inputs
+    other = tmp_path / "tiny-copy.npz"
+    shutil.copy(weights, other)
+    grid = tmp_path / "grid"
+    per_method = ["--batch", "1,fulltrain=4", "--lr", "fulltrain=0.01"]
+    argv = grid_args(f"{weights},{other}", data, grid, *per_method, "--no-report", methods="none,fulltrain", workers="0")
+    assert evaluate.main(argv) == 0
+    capsys.readouterr()
+    settings = ["--domains", str(data), "--seeds", "0-1", "--way", "3", "--shot", "2", "--query-shots", "3",
+                "--epochs", "2", "--mem-budget", "1MB", "--mac-budget", "100%", *per_method]
+    out = tmp_path / "an"
+    _run(capsys, "compare", "--backbones", str(weights), "--methods", "none,fulltrain", "--reference", "none",
+         *settings, "--out", str(out))
+    for mine in _records(out, "method"):
+        theirs = json.loads((grid / "episodes" / "tiny" / "toy" / mine["method"] / f"{mine['seed']}.json").read_text())
+        assert mine["finetune"] == theirs["finetune"] and mine["accuracy_after"] == theirs["accuracy_after"]
+    assert {r["finetune"]["batch"] for r in _records(out, "method") if r["method"] == "fulltrain"} == {4}
+    # meta from the grid: nothing runs, the grid's settings are used (the options' are not needed)
+    meta = tmp_path / "fig6a"
+    printed = _run(capsys, "meta", "--grid", str(grid), "--backbones", f"{weights},{other}", "--domains", str(data),
+                   "--seeds", "0-1", "--methods", "none,fulltrain", "--out", str(meta))
+    assert "tasks" not in printed and not (meta / "method").exists()
+    table = (meta / "meta.md").read_text()
+    acc = [json.loads((grid / "episodes/tiny/toy/fulltrain" / f"{s}.json").read_text())["accuracy_after"] for s in (0, 1)]
+    assert f"| fulltrain | toy | 2 | {100 * np.mean(acc):.1f} ± " in table and "| +0.0 ± 0.0 |" in table
+    assert "changed from the preset" in table and "fulltrain" in table.split("Seeds 0-1")[1]
+    assert analyze.main(["meta", "--grid", str(tmp_path / "nowhere"), "--out", str(meta)]) == 2
+    assert "not an evaluation folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

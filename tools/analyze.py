@@ -3,7 +3,7 @@
     python tools/analyze.py layers   [--backbones mcunet-5fps] [--domains traffic_sign] [--ratios 1,0.5,0.25,0.125]
     python tools/analyze.py rank     [--backbones mcunet-5fps,mbv2-w0.35,proxyless-w0.3] [--ratio 1]
     python tools/analyze.py channels [--backbones mcunet-5fps] [--layers blocks.13.expand,...]
-    python tools/analyze.py meta     --backbones mcunet-5fps,mcunet-5fps-meta [--methods ...]
+    python tools/analyze.py meta     --backbones mcunet-5fps,mcunet-5fps-meta [--methods ...] [--grid DIR]
     python tools/analyze.py compare  --methods none,sparseupdate,tinytrain,tinytrain-plus [--reference sparseupdate]
 
 - ``layers`` (the paper's Figure 3): the query-accuracy gain over no training of updating one
@@ -15,7 +15,9 @@
 - ``channels`` (Figures 4 and 6b): the same single-layer updates at 50 / 25 / 12.5% of a layer's
   channels, chosen by Fisher information (dynamic), at random, or by weight L2 norm (static).
 - ``meta`` (Figure 6a): every method on two backbones (e.g. without and with meta-training) on
-  the same episodes, and the paired difference.
+  the same episodes, and the paired difference, averaged and per domain. ``meta`` and ``compare``
+  run each method with its own fine-tuning, as the evaluation grid does; with ``--grid DIR`` they
+  run nothing and read the records (and settings) of an evaluation folder instead.
 - ``compare``: methods (``tinytrain-plus:key=value/key=value`` runs a variant of TinyTrain+'s rule) on
   the same episodes: accuracy per domain, backward memory and MACs, paired difference to
   ``--reference``. The design log of TinyTrain+ was made with it.
@@ -109,13 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     meta = sub.add_parser("meta", help="Figure 6a: each method on two backbones (without / with meta-training)")
     _common(meta, "mcunet-5fps,mcunet-5fps-meta", ",".join(_ev().DEFAULT_DOMAINS))
     meta.add_argument("--methods", default="none,lastlayer,fulltrain,sparseupdate,tinytl,tinytrain,tinytrain-plus")
+    _grid_option(meta)
     cmp_ = sub.add_parser("compare", help="methods and TinyTrain+ variants on the same episodes")
     _common(cmp_, "mcunet-5fps", ",".join(_ev().DEFAULT_DOMAINS))
     cmp_.add_argument("--methods", default="none,sparseupdate,tinytrain,tinytrain-plus",
                       help="comma list of methods; tinytrain-plus:key=value/key=value is a variant of its rule "
                            "(keys: microtrain.tinytrain_plus.PlusRule)")
     cmp_.add_argument("--reference", default="sparseupdate", help="paired differences against it (default %(default)s)")
+    _grid_option(cmp_)
     return p
+
+
+def _grid_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grid", type=Path, metavar="DIR",
+                   help="run nothing: take the methods' records from this evaluation folder "
+                        "(python -m microtrain.evaluate run --out DIR) and its settings (the settings options "
+                        "are then ignored); the report goes to --out")
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -167,6 +178,18 @@ def resolve_backbone(spec: str):
     return key, net
 
 
+def _grid_settings(grid: Path) -> dict:
+    """The settings an evaluation folder's records were made with (its config.json)."""
+    ev = _ev()
+    config = grid / "config.json"
+    if not config.is_file() or not (grid / "episodes").is_dir():
+        raise UsageError(f"--grid {grid}: not an evaluation folder (no config.json and episodes/)")
+    settings = ev.stored_settings(ev.read_record(config).get("settings"))
+    if settings is None:
+        raise UsageError(f"--grid {grid}: its config.json holds no settings")
+    return settings
+
+
 class Context:
     """Options, resolved backbones and domains, and caches of datasets and decoded episodes."""
 
@@ -174,7 +197,8 @@ class Context:
         ev = _ev()
         self.args, self.out = args, Path(args.out)
         self.seeds = ev.parse_seeds(args.seeds)
-        self.settings = ev.settings_of(args)
+        self.grid = getattr(args, "grid", None)
+        self.settings = ev.settings_of(args) if self.grid is None else _grid_settings(self.grid)
         self.backbones = dict(resolve_backbone(s) for s in _ev().split_list(args.backbones, "backbones"))
         self.domains = {}
         for spec in _ev().split_list(args.domains, "domains"):
@@ -214,10 +238,15 @@ class Context:
             self._episode = (key, (ep, EpisodeImages(ep, resolution)))
         return self._episode[1]
 
-    def finetune_config(self):
+    def finetune_config(self, method: str | None = None):
+        """The fine-tuning configuration of the single-layer runs (TinyTrain's, batch 1), or with
+        ``method`` that method's as the evaluation grid runs it (its ``per_method`` batch and lr:
+        FullTrain and TinyTL at batch 100 under ``--protocol paper``)."""
         from microtrain.train import FinetuneConfig
 
-        return FinetuneConfig(**self.settings["finetune"])
+        if method is None:
+            return FinetuneConfig(**self.settings["finetune"])
+        return FinetuneConfig(**_ev().method_finetune(self.settings, method.partition(":")[0]))
 
 
 def run_tasks(ctx: Context, tasks: list[tuple[Path, object]]) -> None:
@@ -605,7 +634,7 @@ def method_task(ctx: Context, backbone: str, domain: str, seed: int, method: str
         ep, im = ctx.episode(domain, seed, base.resolution)
         net = base.copy()
         record = adapt_episode(net, im.support, ep.support_labels, im.query, ep.query_labels, method,
-                               ctx.budgets(base), ctx.finetune_config())
+                               ctx.budgets(base), ctx.finetune_config(method))
         record.pop("plan_table", None)
         record.update(backbone=backbone, domain=domain, seed=seed, method=method, way=ep.way,
                       support_size=len(ep.support))
@@ -619,9 +648,10 @@ def _method_tasks(ctx: Context, methods) -> list:
 
 
 def _method_results(ctx: Context, methods) -> dict:
-    """(backbone, method, domain) -> {seed: record}."""
+    """(backbone, method, domain) -> {seed: record}, from this analysis's records or ``--grid``'s."""
     out = {}
-    for r in read_records(ctx.out, "method"):
+    records = _rep().load_records(ctx.grid) if ctx.grid is not None else read_records(ctx.out, "method")
+    for r in records:
         if r.get("seed") in ctx.seeds and r.get("method") in methods and r.get("backbone") in ctx.backbones \
                 and r.get("domain") in ctx.domains and "error" not in r:
             out.setdefault((r["backbone"], r["method"], r["domain"]), {})[r["seed"]] = r
@@ -686,14 +716,21 @@ def report_meta(ctx: Context, methods) -> None:
     lines += [f"Average query accuracy over {len(domains)} domain(s) (%), mean ± 95% interval; the difference is "
               "paired on the same episodes.", "",
               f"| method | {a} | {b} | {b} − {a} |", "|---|---|---|---|"]
-    bars = []
+    bars, rows = [], []
     for m in methods:
+        on_a, on_b = ({d: res.get((k, m, d), {}) for d in domains} for k in (a, b))
         pa, pb = _average(rep, res, a, m, domains), _average(rep, res, b, m, domains)
-        diff = _paired(rep, {d: res.get((b, m, d), {}) for d in domains}, {d: res.get((a, m, d), {}) for d in domains},
-                       domains)
-        lines.append(f"| {m} | {rep._pm(*pa)} | {rep._pm(*pb)} | {rep._pm(*diff, signed=True)} |")
+        lines.append(f"| {m} | {rep._pm(*pa)} | {rep._pm(*pb)} | {rep._pm(*_paired(rep, on_b, on_a, domains), signed=True)} |")
         bars.append((m, pa, pb))
-    lines.append("")
+        for d in domains:
+            seeds = sorted(set(on_a[d]) & set(on_b[d]))
+            if seeds:
+                x, y = ([o[d][s]["accuracy_after"] for s in seeds] for o in (on_a, on_b))
+                diff = rep.mean_ci([v - u for u, v in zip(x, y)])
+                rows.append(f"| {m} | {rep._label(d)} | {len(seeds)} | {rep._pm(*rep.mean_ci(x)[:2])} | "
+                            f"{rep._pm(*rep.mean_ci(y)[:2])} | {rep._pm(*diff[:2], signed=True)} |")
+    lines += ["", "Per domain, over the episodes both backbones finished (n):", "",
+              f"| method | domain | n | {a} | {b} | {b} − {a} (paired) |", "|---|---|---|---|---|---|", *rows, ""]
     _write_report(ctx, "meta", lines)
     _figure(ctx, "meta", lambda plt: _plot_meta(plt, bars, a, b))
 
@@ -778,7 +815,7 @@ def main(argv=None) -> int:
                 if cmd == "compare" and args.reference not in methods:
                     raise UsageError(f"--reference {args.reference} is not among --methods")
                 tasks = _method_tasks(ctx, methods)
-            if not args.report_only:
+            if not args.report_only and ctx.grid is None:
                 ctx.check_config()
                 run_tasks(ctx, tasks)
             if cmd == "layers":
