@@ -2,7 +2,8 @@
 
 ``write_report(out)`` reads every ``OUT/episodes/**.json`` (written by ``microtrain.evaluation``)
 and writes ``OUT/results.json`` (all records), ``OUT/report.md`` (Table 1: query accuracy, mean
-and 95% interval by Student's t, per domain and averaged; Table 2: backward memory and MACs,
+and 95% interval by Student's t, per domain and averaged, and the episodes each method left
+below no training; Table 2: backward memory and MACs,
 their ratios to TinyTrain's, end-to-end time and the selection's share) and
 ``OUT/figure1_<backbone>.png`` (accuracy against backward MACs, marker size by backward memory;
 needs matplotlib, otherwise skipped with a note).
@@ -160,6 +161,10 @@ def summarize(records: list[dict]) -> dict:
         gain = _paired(acc, REFERENCE, BASELINE, domains, averaged) if {REFERENCE, BASELINE} <= set(methods) else {}
         pairs = {(a, b): _paired(acc, a, b, domains, averaged) for a in methods if a in ADAPTIVE or
                  a.startswith("tinytrain-plus") for b in PAIRED_AGAINST if b in methods}
+        # how often fine-tuning left an episode worse than its untrained prototypes (a collapse
+        # shows here even when the mean hides it)
+        worse = {m: (sum(r["accuracy_after"] < r["accuracy_before"] for r in ok if r["method"] == m),
+                     sum(r["method"] == m for r in ok)) for m in methods}
         costs = {}
         for m in methods:
             rs = [r for r in ok if r["method"] == m]
@@ -184,6 +189,7 @@ def summarize(records: list[dict]) -> dict:
         mismatched = sorted(k for k, v in before.items() if len(v) > 1)
         out[backbone] = {"records": recs, "methods": methods, "domains": domains, "averaged": averaged,
                          "acc": acc, "cells": cells, "average": average, "gain": gain, "pairs": pairs, "fails": fails,
+                         "worse": worse,
                          "costs": costs, "before_mismatch": mismatched}
     return out
 
@@ -220,6 +226,9 @@ def _table1(s: dict) -> tuple[list[str], int | None]:
             g = s["gain"].get("average")
             row.append(f"**{_pm(*g[:2], signed=True)}**" if g else "–")
         lines.append("| " + " | ".join(row) + " |")
+    row = ["episodes worse than no training"] + [
+        "–" if m == BASELINE or not s["worse"][m][1] else f"{s['worse'][m][0]} of {s['worse'][m][1]}" for m in methods]
+    lines.append("| " + " | ".join(row + (["–"] if has_gain else [])) + " |")
     return lines, (ns.pop() if uniform else None)
 
 
@@ -393,7 +402,9 @@ def write_report(out: Path) -> dict:
                   "Student's t over the seeds (one seed draws the way and shots of every domain's episode, so "
                   "the domains are not independent)."
                   + (f" `{REFERENCE} − {BASELINE}`: paired difference on the same episodes, in points."
-                     if s["gain"] else ""), "", *table1, ""]
+                     if s["gain"] else "")
+                  + " Last row: the episodes (all domains) whose query accuracy fell below the untrained"
+                    " prototypes' on the same episode.", "", *table1, ""]
         if s["before_mismatch"]:
             lines += [f"Warning: accuracy before training differs between methods on {len(s['before_mismatch'])} "
                       f"episode(s), e.g. {s['before_mismatch'][0]}: the episodes are not the same.", ""]

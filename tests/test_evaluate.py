@@ -597,6 +597,12 @@ def test_paired_differences_of_the_adaptive_methods():
     table = "\n".join(er._paired_table(s))
     assert "| tinytrain − sparseupdate | +5.0 ± " in table and "(n=3)" in table
     assert "| tinytrain-plus − fulltrain | +60.0 ± 0.0 (n=2) | -30.0 ± 0.0 (n=2) | **+15.0 ± 0.0** |" in table
+    # episodes worse than no training, counted against each record's own untrained accuracy
+    records[0]["accuracy_before"] = 0.55  # tinytrain, flowers, seed 0 scored 0.50 after
+    s = er.summarize(records)["b"]
+    assert s["worse"]["tinytrain"] == (1, 5) and s["worse"]["fulltrain"] == (0, 4)
+    row = er._table1(s)[0][-1]
+    assert row == "| episodes worse than no training | 1 of 5 | 0 of 5 | 0 of 4 | 0 of 5 | – | – |"
 
 
 def test_commit_is_dirty_only_when_the_code_differs(tmp_path):
