@@ -624,3 +624,28 @@ def test_commit_is_dirty_only_when_the_code_differs(tmp_path):
     (tmp_path / "microtrain" / "kernel.py").write_text("x = 2\n")
     assert evaluation._git_commit(tmp_path) == head + "+dirty"
     assert evaluation._git_commit(tmp_path / "reports" / "nowhere") is None
+
+
+def test_progress_eta_weighs_each_method_by_its_own_pace(monkeypatch):
+    """A grid's first tasks are often `none` (1 s); the ETA must not promise the minutes-long
+    methods at that pace: each (backbone, method) is estimated by its own mean so far, a method not
+    seen yet by the mean of all, and the wall time so far is scaled by work left / work done."""
+    clock = [100.0]
+    monkeypatch.setattr(evaluation.time, "perf_counter", lambda: clock[0])
+    tasks = [{"backbone": "b", "method": m, "domain": "d", "seed": s} for s in (0, 1) for m in ("none", "tinytl")]
+    progress = evaluation.Progress(tasks)
+
+    def rec(method, seconds, seed):
+        return {"backbone": "b", "method": method, "domain": "d", "seed": seed, "accuracy_after": 0.5,
+                "accuracy_before": 0.4, "task_seconds": seconds}
+
+    clock[0] += 1.0
+    line = progress.line(rec("none", 1.0, 0))
+    # left: one none (1 s) + two tinytl (not seen: 1 s each) = 3 s of work for 1 s done in 1 s of wall
+    assert progress.eta() == pytest.approx(3.0) and line.endswith("ETA 3s")
+    clock[0] += 100.0
+    progress.line(rec("tinytl", 100.0, 0))
+    # left: one none (1 s) + one tinytl (100 s) = 101 s for 101 s done in 101 s of wall
+    assert progress.eta() == pytest.approx(101.0)
+    progress.line(rec("none", 1.0, 1))
+    assert progress.line(rec("tinytl", 90.0, 1)).endswith("ETA done")
