@@ -230,7 +230,8 @@ def _check(net: Network, support, support_labels, query, query_labels, support_e
         net.params[name][0][...] = w
         net.params[name][1][...] = b
     n = len(held_idx)
-    what = f"{decision['correct_before']} of {n} held-out support images right before adaptation"
+    what = (f"{decision['correct_before']} of {n} held-out support images right (prototypes of the other "
+            f"{len(support) - n}) before adaptation")
     if not adaptation_is_worse(decision):
         log(f"keep-best: {what}, {decision['correct_after']} after: adapting on every support image")
         return decision

@@ -123,7 +123,8 @@ def test_a_passed_check_adapts_again_on_every_image_as_without_keep_best(monkeyp
     with_check, lines, warnings = _run(small_net(), counted, monkeypatch)
     assert calls == [[4, 4, 4], [5, 5, 5]] and warnings == []
     assert with_check["keep_best"]["kept"] == "adapted"
-    assert any(line.startswith("keep-best: 3 of 3 held-out support images right before adaptation, 3 after")
+    assert any(line.startswith("keep-best: 3 of 3 held-out support images right (prototypes of the other 12) "
+                           "before adaptation, 3 after")
                for line in lines)
     net = small_net()
     plain, _, _ = _run(net, real, monkeypatch, keep_best=False)
