@@ -37,8 +37,8 @@ from functools import partial
 from pathlib import Path
 
 from .evaluation import (BACKBONES, DEFAULT_DOMAINS, DOMAINS, PAPER_METHODS, PROG, PROTOCOLS, GridError,
-                         Terminated, add_settings_options, duration, execute, parse_seeds, plan_grid, read_record,
-                         run_pool, settings_of, split_list, stored_settings)
+                         Terminated, add_settings_options, duration, execute, folder_settings, parse_seeds, plan_grid,
+                         run_pool, settings_of, split_list)
 from .paths import MissingSharedError
 
 
@@ -172,8 +172,7 @@ def cmd_estimate(args) -> int:
         raise GridError(f"{args.out}: no episodes/ folder (run `{PROG} run --out {args.out}` first)")
     backbones = args.backbones
     if backbones is None:  # a paper-protocol folder holds the meta-trained backbones' records only
-        config = Path(args.out) / "config.json"
-        settings = stored_settings(read_record(config).get("settings")) if config.exists() else None
+        settings = folder_settings(Path(args.out))
         paper = settings is not None and settings["protocol"] == "paper"
         backbones = PROTOCOLS["paper"]["backbones"] if paper else ",".join(BACKBONES[:3])
     lines = estimate_wall_time(load_records(Path(args.out)), split_list(backbones, "backbones"),

@@ -304,6 +304,13 @@ def stored_settings(settings: dict | None) -> dict | None:
     return s
 
 
+def folder_settings(out: Path) -> dict | None:
+    """The settings an evaluation folder's records were made with (``OUT/config.json``, in today's
+    form: ``stored_settings``); None when it has no config.json."""
+    config = out / "config.json"
+    return stored_settings(read_record(config).get("settings")) if config.exists() else None
+
+
 def method_finetune(settings: dict, method: str) -> dict:
     """The fine-tuning settings ``method``'s tasks get (FinetuneConfig's fields): the common ones
     with the method's own (``per_method``) in their place."""
@@ -442,6 +449,17 @@ def resolve_domain(spec: str) -> tuple[str, str, str]:
     return _key(stem), str(path.resolve()), str(path.resolve())
 
 
+def backbone_key(spec: str) -> str:
+    """The name records give a --backbones entry: a backbone name as it is, a weight file by its
+    stem. Raises GridError for a name that is neither."""
+    path = Path(spec)
+    if path.suffix == ".npz":
+        return _key(path.stem)
+    if spec not in BACKBONES:
+        raise GridError(f"unknown backbone {spec!r}: use one of {', '.join(BACKBONES)} or a .npz weight file")
+    return spec
+
+
 def resolve_backbone(spec: str):
     """(key, weight file path, network) of a --backbones entry: a weight file, or a backbone name
     (checkpoint.backbone_file: a shared one is converted on first use, a meta-trained one ships
@@ -450,17 +468,15 @@ def resolve_backbone(spec: str):
     from .adapt import UsageError as AdaptUsageError, resolve_model
     from .checkpoint import backbone_file
 
-    path = Path(spec)
-    if path.suffix == ".npz":
+    key = backbone_key(spec)
+    if Path(spec).suffix == ".npz":
         try:
             net = resolve_model(spec)
         except AdaptUsageError as exc:
             raise GridError(str(exc)) from None
-        return _key(path.stem), str(path.resolve()), net
-    if spec not in BACKBONES:
-        raise GridError(f"unknown backbone {spec!r}: use one of {', '.join(BACKBONES)} or a .npz weight file")
+        return key, str(Path(spec).resolve()), net
     weights = backbone_file(spec)
-    return spec, str(weights), resolve_model(str(weights))
+    return key, str(weights), resolve_model(str(weights))
 
 
 _HASHES: dict = {}  # (path, size, mtime_ns) -> SHA-256, per process: each file is read once
@@ -784,19 +800,19 @@ class Progress:
         self.total, self.width = len(tasks), width
         self.show_backbone = len({t["backbone"] for t in tasks}) > 1
         self.left = Counter((t["backbone"], t["method"]) for t in tasks)
-        self.seconds: dict[tuple, list[float]] = {}
+        self.work: dict[tuple, tuple[float, int]] = {}  # (backbone, method) -> (seconds, tasks) finished
         self.done = self.failed = 0
         self.start = time.perf_counter()
 
     def eta(self) -> float:
         """Seconds the tasks left should take at this run's pace so far."""
-        done = [v for times in self.seconds.values() for v in times]
-        if not done or sum(done) <= 0:
-            return (time.perf_counter() - self.start) / max(self.done, 1) * (self.total - self.done)
-        overall = sum(done) / len(done)
-        left = sum(n * (sum(self.seconds[k]) / len(self.seconds[k]) if self.seconds.get(k) else overall)
+        elapsed = time.perf_counter() - self.start
+        seconds, count = map(sum, zip(*self.work.values())) if self.work else (0.0, 0)
+        if seconds <= 0:
+            return elapsed / max(self.done, 1) * (self.total - self.done)
+        left = sum(n * (self.work[k][0] / self.work[k][1] if k in self.work else seconds / count)
                    for k, n in self.left.items())
-        return (time.perf_counter() - self.start) * left / sum(done)
+        return elapsed * left / seconds
 
     def line(self, rec: dict) -> str:
         self.done += 1
@@ -804,7 +820,8 @@ class Progress:
         key = (rec["backbone"], rec["method"])
         self.left[key] -= 1
         if rec.get("task_seconds") is not None:
-            self.seconds.setdefault(key, []).append(rec["task_seconds"])
+            seconds, count = self.work.get(key, (0.0, 0))
+            self.work[key] = (seconds + rec["task_seconds"], count + 1)
         n, total = self.done, self.total
         fill = self.width * n // total
         head = (f"[{n:>{len(str(total))}}/{total}] {'#' * fill}{'.' * (self.width - fill)} "

@@ -3,8 +3,8 @@
 ``write_report(out)`` reads every ``OUT/episodes/**.json`` (written by ``microtrain.evaluation``)
 and writes ``OUT/results.json`` (all records), ``OUT/report.md`` (Table 1: query accuracy, mean
 and 95% interval by Student's t, per domain and averaged, and the episodes each method left
-below no training; Table 2: backward memory and MACs,
-their ratios to TinyTrain's, end-to-end time and the selection's share) and
+below no training; Table 2: backward memory and MACs, their ratios to TinyTrain's, end-to-end
+time and the selection's share) and
 ``OUT/figure1_<backbone>.png`` (accuracy against backward MACs, marker size by backward memory;
 needs matplotlib, otherwise skipped with a note).
 """
@@ -161,13 +161,12 @@ def summarize(records: list[dict]) -> dict:
         gain = _paired(acc, REFERENCE, BASELINE, domains, averaged) if {REFERENCE, BASELINE} <= set(methods) else {}
         pairs = {(a, b): _paired(acc, a, b, domains, averaged) for a in methods if a in ADAPTIVE or
                  a.startswith("tinytrain-plus") for b in PAIRED_AGAINST if b in methods}
-        # how often fine-tuning left an episode worse than its untrained prototypes (a collapse
-        # shows here even when the mean hides it)
-        worse = {m: (sum(r["accuracy_after"] < r["accuracy_before"] for r in ok if r["method"] == m),
-                     sum(r["method"] == m for r in ok)) for m in methods}
-        costs = {}
+        costs, worse = {}, {}
         for m in methods:
             rs = [r for r in ok if r["method"] == m]
+            # how often fine-tuning left an episode worse than its untrained prototypes (a collapse
+            # shows here even when the mean hides it)
+            worse[m] = (sum(r["accuracy_after"] < r["accuracy_before"] for r in rs), len(rs))
             if not rs:
                 continue
             mem = [r["memory"]["backward_planned_bytes"] for r in rs if r.get("memory")]

@@ -180,13 +180,9 @@ def resolve_backbone(spec: str):
 
 def _grid_settings(grid: Path) -> dict:
     """The settings an evaluation folder's records were made with (its config.json)."""
-    ev = _ev()
-    config = grid / "config.json"
-    if not config.is_file() or not (grid / "episodes").is_dir():
-        raise UsageError(f"--grid {grid}: not an evaluation folder (no config.json and episodes/)")
-    settings = ev.stored_settings(ev.read_record(config).get("settings"))
+    settings = _ev().folder_settings(grid) if (grid / "episodes").is_dir() else None
     if settings is None:
-        raise UsageError(f"--grid {grid}: its config.json holds no settings")
+        raise UsageError(f"--grid {grid}: not an evaluation folder (no episodes/ and config.json with settings)")
     return settings
 
 
@@ -199,7 +195,10 @@ class Context:
         self.seeds = ev.parse_seeds(args.seeds)
         self.grid = getattr(args, "grid", None)
         self.settings = ev.settings_of(args) if self.grid is None else _grid_settings(self.grid)
-        self.backbones = dict(resolve_backbone(s) for s in _ev().split_list(args.backbones, "backbones"))
+        specs = ev.split_list(args.backbones, "backbones")
+        # with --grid nothing runs: the records name the backbones, no network is loaded
+        self.backbones = ({ev.backbone_key(s): None for s in specs} if self.grid is not None
+                          else dict(resolve_backbone(s) for s in specs))
         self.domains = {}
         for spec in _ev().split_list(args.domains, "domains"):
             key, path, _ = ev.resolve_domain(spec)
