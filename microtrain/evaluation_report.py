@@ -161,12 +161,15 @@ def summarize(records: list[dict]) -> dict:
         gain = _paired(acc, REFERENCE, BASELINE, domains, averaged) if {REFERENCE, BASELINE} <= set(methods) else {}
         pairs = {(a, b): _paired(acc, a, b, domains, averaged) for a in methods if a in ADAPTIVE or
                  a.startswith("tinytrain-plus") for b in PAIRED_AGAINST if b in methods}
-        costs, worse = {}, {}
+        costs, worse, rose = {}, {}, {}
         for m in methods:
             rs = [r for r in ok if r["method"] == m]
             # how often fine-tuning left an episode worse than its untrained prototypes (a collapse
-            # shows here even when the mean hides it)
+            # shows here even when the mean hides it), and how often the training loss itself ended
+            # above where it started (the optimisation diverged rather than overfitted)
             worse[m] = (sum(r["accuracy_after"] < r["accuracy_before"] for r in rs), len(rs))
+            trained = [r["losses"] for r in rs if r.get("losses")]
+            rose[m] = (sum(loss["last"] > loss["first"] for loss in trained), len(trained))
             if not rs:
                 continue
             mem = [r["memory"]["backward_planned_bytes"] for r in rs if r.get("memory")]
@@ -188,7 +191,7 @@ def summarize(records: list[dict]) -> dict:
         mismatched = sorted(k for k, v in before.items() if len(v) > 1)
         out[backbone] = {"records": recs, "methods": methods, "domains": domains, "averaged": averaged,
                          "acc": acc, "cells": cells, "average": average, "gain": gain, "pairs": pairs, "fails": fails,
-                         "worse": worse,
+                         "worse": worse, "rose": rose,
                          "costs": costs, "before_mismatch": mismatched}
     return out
 
@@ -225,9 +228,10 @@ def _table1(s: dict) -> tuple[list[str], int | None]:
             g = s["gain"].get("average")
             row.append(f"**{_pm(*g[:2], signed=True)}**" if g else "–")
         lines.append("| " + " | ".join(row) + " |")
-    row = ["episodes worse than no training"] + [
-        "–" if m == BASELINE or not s["worse"][m][1] else f"{s['worse'][m][0]} of {s['worse'][m][1]}" for m in methods]
-    lines.append("| " + " | ".join(row + (["–"] if has_gain else [])) + " |")
+    for label, key in (("episodes worse than no training", "worse"), ("episodes whose training loss rose", "rose")):
+        row = [label] + ["–" if m == BASELINE or not s[key][m][1] else f"{s[key][m][0]} of {s[key][m][1]}"
+                         for m in methods]
+        lines.append("| " + " | ".join(row + (["–"] if has_gain else [])) + " |")
     return lines, (ns.pop() if uniform else None)
 
 

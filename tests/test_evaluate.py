@@ -599,10 +599,15 @@ def test_paired_differences_of_the_adaptive_methods():
     assert "| tinytrain-plus − fulltrain | +60.0 ± 0.0 (n=2) | -30.0 ± 0.0 (n=2) | **+15.0 ± 0.0** |" in table
     # episodes worse than no training, counted against each record's own untrained accuracy
     records[0]["accuracy_before"] = 0.55  # tinytrain, flowers, seed 0 scored 0.50 after
+    # and episodes whose training loss ended above its first value (records without losses: not counted)
+    records[1]["losses"] = {"first": 1.0, "last": 1.5, "steps": 40}  # tinytrain, flowers, seed 1: diverged
+    records[2]["losses"] = {"first": 1.0, "last": 0.5, "steps": 40}
     s = er.summarize(records)["b"]
     assert s["worse"]["tinytrain"] == (1, 5) and s["worse"]["fulltrain"] == (0, 4)
-    row = er._table1(s)[0][-1]
-    assert row == "| episodes worse than no training | 1 of 5 | 0 of 5 | 0 of 4 | 0 of 5 | – | – |"
+    assert s["rose"]["tinytrain"] == (1, 2) and s["rose"]["fulltrain"] == (0, 0)
+    rows = er._table1(s)[0][-2:]
+    assert rows[0] == "| episodes worse than no training | 1 of 5 | 0 of 5 | 0 of 4 | 0 of 5 | – | – |"
+    assert rows[1] == "| episodes whose training loss rose | 1 of 2 | – | – | – | – | – |"
 
 
 def test_commit_is_dirty_only_when_the_code_differs(tmp_path):
