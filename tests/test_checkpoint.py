@@ -7,7 +7,6 @@ with torch installed the outputs are also recomputed live.
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys

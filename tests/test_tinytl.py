@@ -9,7 +9,7 @@ from microtrain.autograd import Executor, GraphError, Program
 from microtrain.methods import Budgets, full_update, plan_method
 from microtrain.model import Network
 from microtrain.optim import SGD
-from microtrain.selection import LayerUpdate, Selection
+from microtrain.selection import Selection
 from microtrain.tinytrain import backward_macs
 from microtrain.architecture import largest_group_count, lite_spec, make_divisible
 from microtrain.lite_residual import LiteResidualHook

@@ -275,7 +275,7 @@ def compare_adaptations(host: Path, arm: Path, base_weights: Path) -> tuple[list
                      f"aarch64 {outside[1]} bytes")
     facts.append("selection " + ", ".join(f"{layer} {k}/{c}" for layer, k, c in sel_host)
                  + f"; accuracy {100 * r_host['accuracy_before']:.0f}% -> {100 * r_host['accuracy_after']:.0f}%"
-                 + f" on both")
+                 + " on both")
     files = sorted(p.name for p in host.glob("*.npz"))
     if files != sorted(p.name for p in arm.glob("*.npz")):
         diffs.append(f"output files: host {files}, aarch64 {sorted(p.name for p in arm.glob('*.npz'))}")

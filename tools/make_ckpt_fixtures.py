@@ -22,9 +22,7 @@ Writes, all tiny and seeded:
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import pickle
 import zipfile
 from collections import OrderedDict
 from pathlib import Path

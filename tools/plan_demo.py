@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     cases = {
         "forward only (nothing trained)": Selection(),
         f"last block (blocks.{last_block}) fully trained": Selection({l.name: LayerUpdate.full(l.out_channels) for l in last}),
-        f"last block, every other channel": Selection({l.name: half(l) for l in last}),
+        "last block, every other channel": Selection({l.name: half(l) for l in last}),
         "every layer (full training)": Selection({l.name: LayerUpdate.full(l.out_channels) for l in net.layers}),
     }
     print(f"{net.name}: {len(net.layers)} conv layers, input ({args.batch}, 3, {net.resolution}, {net.resolution}), "

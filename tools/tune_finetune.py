@@ -25,8 +25,6 @@ CHECKPOINTS = (5, 10, 20, 40)
 
 
 def one(task):
-    import numpy as np
-
     from microtrain import model
     from microtrain.checkpoint import ensure_converted
     from microtrain.data import open_dataset
