@@ -21,9 +21,11 @@ engine's planner:
    the channel's bias, mean over samples of (sum over positions of the output gradient)^2: how
    much the task's loss wants that channel's output shifted. A weight row is worth its output
    channel's shift Fisher. Of the quantities measured, this one ranked layers by their measured
-   single-layer gain best (one Traffic Sign episode: Spearman +0.68 against +0.08 to +0.15 for
-   the rows' trace, signal and gain, and -0.62 for Eq. 3), and it was the best of the variants on
-   25 validation episodes of each protocol, at the lowest memory. ``'gain'`` (the rows' signal
+   single-layer gain best (one Traffic Sign episode on the ImageNet MCUNet: Spearman +0.68
+   against +0.08 to +0.15 for the rows' trace, signal and gain, and -0.62 for Eq. 3; three on the
+   meta-trained one: +0.70 +- 0.15 among the reachable layers, Eq. 3 -0.55 +- 0.11 over all
+   layers, ``reports/2026-11-30-paper-analyses``), and it was the best of the variants on 25
+   validation episodes of each protocol, at the lowest memory. ``'gain'`` (the rows' signal
    divided by their RMS per-sample gradient), ``'trace'`` (mean squared per-sample gradient; made
    plain SGD diverge) and ``'signal'`` are the variants it was compared with.
 4. **Units and their costs.** The biases of every layer behind the depth are trained (a few
