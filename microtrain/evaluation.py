@@ -849,21 +849,24 @@ def _stop_pool(pool) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_pool(tasks: list[dict], finish, workers: int = 2) -> None:
-    """Run ``tasks`` on ``workers`` spawned processes (0: in this process), calling ``finish(record)``
-    in this process as each completes. Ctrl-C (KeyboardInterrupt) or SIGTERM (``Terminated``, when
-    called from the main thread) ends the workers, their current tasks lost, and is re-raised; a
-    worker whose parent was killed outright ends itself within a second (``_exit_with_parent``)."""
-    if workers == 0:
+def run_pool(tasks: list, finish, workers: int = 2, fn=None) -> None:
+    """Run ``fn(task)`` (default ``run_task``; a module-level function, so a spawned process can
+    import it) for each of ``tasks`` on ``workers`` spawned processes (0: in this process), one
+    thread each, calling ``finish(result)`` in this process as each completes. Ctrl-C
+    (KeyboardInterrupt) or SIGTERM (``Terminated``, when called from the main thread) ends the
+    workers, their current tasks lost, and is re-raised; a worker whose parent was killed outright
+    ends itself within a second (``_exit_with_parent``)."""
+    fn = run_task if fn is None else fn
+    if workers == 0 or not tasks:
         for task in tasks:
-            finish(run_task(task))
+            finish(fn(task))
         return
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
     pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=init_worker)
     try:
-        futures = [pool.submit(run_task, task) for task in tasks]
+        futures = [pool.submit(fn, task) for task in tasks]
         for future in as_completed(futures):
             finish(future.result())
     except BaseException:

@@ -193,6 +193,27 @@ def _gone_within(pid: int, seconds: float) -> bool:
     return False
 
 
+def _where_and_twice(x: int) -> tuple:
+    """A pool task for run_pool's test: which process ran it, with which thread limit, and 2x."""
+    return os.getpid(), os.environ.get("NUMBA_NUM_THREADS"), 2 * x
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_run_pool_runs_any_module_level_function(workers):
+    """tools/keep_best.py and tools/tune_finetune.py run their own task function on run_pool (one
+    thread per spawned worker, as the grid's), so Ctrl-C and SIGTERM end their workers too."""
+    got = []
+    evaluation.run_pool(list(range(5)), got.append, workers, fn=_where_and_twice)
+    assert sorted(r[2] for r in got) == [0, 2, 4, 6, 8]
+    pids = {r[0] for r in got}
+    if workers:
+        assert os.getpid() not in pids and 1 <= len(pids) <= 2 and {r[1] for r in got} == {"1"}
+    else:
+        assert pids == {os.getpid()}
+    evaluation.run_pool([], got.append, workers, fn=_where_and_twice)  # nothing to run: no pool, no call
+    assert len(got) == 5
+
+
 @pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGKILL, -signal.SIGKILL)])
 def test_killed_run_ends_its_workers(inputs, tmp_path, sig, status):
     """`kill` of a pooled run (SIGTERM: exit 143 with a one-line message) or SIGKILL of it: no worker

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from microtrain.pipeline import adaptation_is_worse  # noqa: E402
+from microtrain.evaluation import Terminated, run_pool  # noqa: E402
 
 DOMAINS = ("traffic_sign.zip", "omniglot.zip", "flowers.zip", "dtd.zip", "quickdraw.npz")
 
@@ -74,9 +72,17 @@ def _counts(kb: dict) -> dict:
     return {"correct_before": count(kb["accuracy_before"]), "correct_after": count(kb["accuracy_after"]), **kb}
 
 
+def _worse(kb: dict, **tolerance) -> bool:
+    """microtrain's own keep-best rule (imported here: a spawned worker imports this module before
+    its initializer limits NumPy to one thread)."""
+    from microtrain.pipeline import adaptation_is_worse
+
+    return adaptation_is_worse(_counts(kb), **tolerance)
+
+
 RULES = {  # when the pre-adaptation weights are kept, from a check's record
-    "keep-best": lambda kb: adaptation_is_worse(_counts(kb)),  # what microtrain does
-    "strict": lambda kb: adaptation_is_worse(_counts(kb), tolerance=0),  # any held-out image lost
+    "keep-best": _worse,  # what microtrain does
+    "strict": lambda kb: _worse(kb, tolerance=0),  # any held-out image lost
     "loss": lambda kb: kb["diverged_at_step"] is not None or kb["loss_after"] > kb["loss_before"],
 }
 
@@ -146,22 +152,28 @@ def main(argv=None):
         have = {(r["backbone"], r["domain"], r["seed"], r["method"]) for r in done}
         tasks = [(args.backbone, d, s, m, args.mac_budget) for m in args.methods.split(",")
                  for d in args.domains.split(",") for s in seeds if (args.backbone, d, s, m) not in have]
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
-            os.environ[var] = "1"  # inherited by the workers: one core each
         out.parent.mkdir(parents=True, exist_ok=True)
-        start = time.time()
-        with ProcessPoolExecutor(args.workers) as pool, open(out, "a") as f:
-            for i, r in enumerate(pool.map(one, tasks)):
+        start, finished = time.time(), []
+        with open(out, "a") as f:
+            def finish(r):  # in this process, as each episode lands: one whole line each
                 f.write(json.dumps(r) + "\n")
                 f.flush()
                 done.append(r)
+                finished.append(r)
                 k, pl = r["keep"], r.get("plain", {})
-                print(f"[{i + 1}/{len(tasks)} {time.time() - start:.0f}s] {r['method']} {r['domain']} {r['seed']}: "
-                      f"none {100 * k.get('before', float('nan')):.0f} plain "
+                print(f"[{len(finished)}/{len(tasks)} {time.time() - start:.0f}s] {r['method']} {r['domain']} "
+                      f"{r['seed']}: none {100 * k.get('before', float('nan')):.0f} plain "
                       f"{100 * pl['after'] if 'after' in pl else float('nan'):.0f} keep {100 * k.get('after', float('nan')):.0f} "
                       f"({(k.get('keep_best') or {}).get('kept', k.get('error', '-'))})", flush=True)
+
+            try:  # one thread per worker; Ctrl-C or SIGTERM ends the workers too
+                run_pool(tasks, finish, args.workers, fn=one)
+            except (KeyboardInterrupt, Terminated):
+                print(f"interrupted: {len(finished)} finished episodes kept in {out}; rerun to resume",
+                      file=sys.stderr)
+                return 130
     print(summarize(done))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

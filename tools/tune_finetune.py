@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from microtrain.evaluation import Terminated, run_pool  # noqa: E402
 
 DOMAINS = ("omniglot.zip", "traffic_sign.zip", "quickdraw.npz", "flowers.zip", "dtd.zip", "tinyimagenet.zip")
 CHECKPOINTS = (5, 10, 20, 40)
@@ -74,21 +74,25 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", default="runs/tune.json")
     args = p.parse_args(argv)
-    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[var] = "1"  # inherited by the workers, which import NumPy after this: one core each
     lrs = [float(v) for v in args.lrs.split(",")]
     tasks = [(args.backbone, d, int(s), args.method, lrs, args.mem_budget, args.mac_budget)
              for d in args.domains.split(",")
              for s in args.seeds.split(",")]
     start = time.time()
     results = []
-    with ProcessPoolExecutor(args.workers) as pool:
-        for r in pool.map(one, tasks):  # in order; print each as it lands
-            results.append(r)
-            runs = "  ".join(f"lr {lr}: " + "/".join(f"{100 * a:.0f}" for a in accs.values())
-                             for lr, accs in r["runs"].items())
-            print(f"[{len(results)}/{len(tasks)} {time.time() - start:.0f}s] {r['domain']} seed {r['seed']}: "
-                  f"none {100 * r['none']:.0f}  {runs}", flush=True)
+
+    def finish(r):  # in this process, as each episode lands
+        results.append(r)
+        runs = "  ".join(f"lr {lr}: " + "/".join(f"{100 * a:.0f}" for a in accs.values())
+                         for lr, accs in r["runs"].items())
+        print(f"[{len(results)}/{len(tasks)} {time.time() - start:.0f}s] {r['domain']} seed {r['seed']}: "
+              f"none {100 * r['none']:.0f}  {runs}", flush=True)
+
+    try:  # one thread per worker; Ctrl-C or SIGTERM ends the workers too
+        run_pool(tasks, finish, args.workers, fn=one)
+    except (KeyboardInterrupt, Terminated):
+        print("interrupted: nothing written", file=sys.stderr)
+        return 130
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     import numpy as np
@@ -106,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
