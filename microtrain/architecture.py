@@ -88,6 +88,7 @@ class ConvLayer:
 
 
 def conv_out_size(size: int, kernel: int, stride: int) -> int:
+    """Output height (= width) of a square conv with 'same' padding (kernel - 1) // 2."""
     pad = (kernel - 1) // 2
     return (size + 2 * pad - kernel) // stride + 1
 

@@ -61,6 +61,9 @@ KEEP_OUTPUT = Keep(None)
 
 
 class Op:
+    """What an op declares to the planner (output shape, saved buffers, scratch) and its passes:
+    forward, backward_input and, for ops with parameters, backward_weight (see the note above)."""
+
     kind = "op"
     has_params = False
     inplace = False  # output may overwrite input 0, and input 0's gradient the output's gradient
@@ -464,6 +467,9 @@ def _out_size(size: int, kernel: int, stride: int) -> int:
 
 @dataclass(frozen=True)
 class Value:
+    """A tensor of the graph: its shape and dtype are known when the graph is built, so the planner
+    can place it in the arena before anything runs."""
+
     id: int
     name: str
     shape: tuple[int, ...]
@@ -473,6 +479,9 @@ class Value:
 
 @dataclass
 class Node:
+    """One op applied to input values, producing one output value; conv-like nodes hold their
+    weight and bias arrays and, once an executor is built, the ``LayerUpdate`` they train."""
+
     index: int
     name: str
     op: Op

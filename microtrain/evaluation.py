@@ -533,10 +533,12 @@ def _git_commit(root: Path = REPO_ROOT) -> str | None:
 
 
 def episode_path(out: Path, backbone: str, domain: str, method: str, seed: int) -> Path:
+    """Where a grid folder keeps one episode's record (a JSON file, written atomically)."""
     return out / "episodes" / backbone / domain / method / f"{seed}.json"
 
 
 def read_record(path: Path) -> dict:
+    """An episode record, or ``{"error": "unreadable record"}`` when the file cannot be read or parsed."""
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -780,6 +782,7 @@ def comparable(record: dict, volatile=VOLATILE) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def duration(seconds: float) -> str:
+    """A duration in seconds as '42s', '3m05s' or '2h07m'."""
     seconds = int(round(seconds))
     if seconds < 60:
         return f"{seconds}s"

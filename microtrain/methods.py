@@ -30,6 +30,8 @@ DEFAULT_LR = {"tinytrain": 3e-3, "fulltrain": 1e-4, "lastlayer": 3e-3, "sparseup
 
 
 def default_lr(method: str) -> float:
+    """The method's fine-tuning learning rate at batch 1 (``DEFAULT_LR``; TinyTrain+'s from its rule);
+    a variant such as 'tinytrain-random' takes its family's. Raises KeyError for an unknown method."""
     if method == "tinytrain-plus":
         return tinytrain_plus.PlusRule().lr
     return DEFAULT_LR[method.partition("-")[0]]
@@ -203,4 +205,5 @@ def _static_channels(net: Network, selection: Selection, how: str, rng: np.rando
 
 
 def full_update(net: Network, names: list[str]) -> Selection:
+    """Every weight and bias of the named conv layers (FullTrain's, LastLayer's selections)."""
     return Selection({n: LayerUpdate.full(net.layer(n).out_channels) for n in names})

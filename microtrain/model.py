@@ -184,4 +184,5 @@ def load(path: str | Path) -> Network:
 
 
 def save(net: Network, path: str | Path) -> None:
+    """Write ``net`` as a microtrain weight file (``weights/README.md``), atomically."""
     save_weights(path, net.arch, net.state())

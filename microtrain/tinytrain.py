@@ -130,6 +130,10 @@ def fulltrain_backward_macs(net: Network) -> int:
 
 @dataclass
 class Costs:
+    """What a selection costs per training step: planned backward memory (bytes: the arena's
+    training-only share, memory.Plan.backward_bytes) and backward MACs (the input- and weight-gradient
+    multiply-accumulates the selection's masked backward performs)."""
+
     memory: int  # planned backward memory, bytes
     macs: int  # backward MACs
 
@@ -138,6 +142,8 @@ class Costs:
 
 
 def selection_costs(graph: Graph, selection: Selection, momentum: bool) -> Costs:
+    """The costs of training ``selection`` on ``graph`` (with SGD momentum buffers when
+    ``momentum``), from the same plan the executor runs: the memory is planned, not estimated."""
     program = Program(graph, selection, momentum)
     return Costs(program.plan.backward_bytes, backward_macs(program))
 
@@ -149,6 +155,9 @@ def selection_costs(graph: Graph, selection: Selection, momentum: bool) -> Costs
 
 @dataclass
 class LayerChoice:
+    """One layer Algorithm 1 chose: its Eq. 3 score and the output channels it trains, the top-k
+    by Fisher potential Delta_o (Eq. 2) that fit the budgets (int64 indices)."""
+
     name: str
     score: float
     channels: np.ndarray  # chosen output channels, by decreasing Delta_o
@@ -157,6 +166,10 @@ class LayerChoice:
 
 @dataclass
 class TinyTrainSelection:
+    """The outcome of Algorithm 1: the ``Selection`` the backward pass and the memory planner read,
+    the chosen layers in the order they were taken, their total costs, and every layer's Eq. 3 score
+    (name -> score, for the report)."""
+
     selection: Selection
     choices: list[LayerChoice]
     costs: Costs

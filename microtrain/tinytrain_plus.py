@@ -262,6 +262,9 @@ def row_scales(selection: Selection, fisher: dict[str, GroupFisher], power: floa
 
 @dataclass
 class Group:
+    """A knapsack unit of TinyTrain+: a share of one layer's weight rows (output channels), worth
+    their Fisher information, costing the extra backward memory (bytes) and MACs it adds."""
+
     layer: str
     index: int  # 0 = the layer's first (most informative) group
     rows: np.ndarray  # output channels of this group
@@ -272,6 +275,10 @@ class Group:
 
 @dataclass
 class PlusSelection:
+    """The outcome of TinyTrain+'s rule: the ``Selection`` (biases from ``depth`` on, plus the chosen
+    weight groups) that the backward pass and the memory planner read, its costs and value, and the
+    best value found at each depth tried (for the report)."""
+
     selection: Selection
     depth: int  # index of the earliest trained layer
     groups: list[Group]

@@ -31,6 +31,9 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class FinetuneConfig:
+    """How a selection is fine-tuned on the support set (``finetune``); defaults as
+    README "Fine-tuning defaults" describes how they were chosen on validation episodes."""
+
     epochs: int = 40  # passes over the support set (the paper: 40 iterations)
     lr: float | None = None  # None: the method's own default (methods.DEFAULT_LR)
     momentum: float = 0.9
@@ -42,6 +45,9 @@ class FinetuneConfig:
 
 @dataclass
 class FinetuneResult:
+    """What ``finetune`` did: optimizer steps taken, the loss of each step's pseudo-queries (nats), the
+    planned arena (bytes) and its plan (memory.Plan, printable), and wall time (seconds)."""
+
     steps: int
     losses: list[float]
     arena_bytes: int
@@ -52,6 +58,7 @@ class FinetuneResult:
 
 
 def normalize_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` (N, C) scaled to unit L2 norm (a zero row stays zero); dtype kept."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
