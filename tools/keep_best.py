@@ -153,15 +153,14 @@ def main(argv=None):
         tasks = [(args.backbone, d, s, m, args.mac_budget) for m in args.methods.split(",")
                  for d in args.domains.split(",") for s in seeds if (args.backbone, d, s, m) not in have]
         out.parent.mkdir(parents=True, exist_ok=True)
-        start, finished = time.time(), []
+        start, already = time.time(), len(done)
         with open(out, "a") as f:
             def finish(r):  # in this process, as each episode lands: one whole line each
                 f.write(json.dumps(r) + "\n")
                 f.flush()
                 done.append(r)
-                finished.append(r)
                 k, pl = r["keep"], r.get("plain", {})
-                print(f"[{len(finished)}/{len(tasks)} {time.time() - start:.0f}s] {r['method']} {r['domain']} "
+                print(f"[{len(done) - already}/{len(tasks)} {time.time() - start:.0f}s] {r['method']} {r['domain']} "
                       f"{r['seed']}: none {100 * k.get('before', float('nan')):.0f} plain "
                       f"{100 * pl['after'] if 'after' in pl else float('nan'):.0f} keep {100 * k.get('after', float('nan')):.0f} "
                       f"({(k.get('keep_best') or {}).get('kept', k.get('error', '-'))})", flush=True)
@@ -169,7 +168,7 @@ def main(argv=None):
             try:  # one thread per worker; Ctrl-C or SIGTERM ends the workers too
                 run_pool(tasks, finish, args.workers, fn=one)
             except (KeyboardInterrupt, Terminated):
-                print(f"interrupted: {len(finished)} finished episodes kept in {out}; rerun to resume",
+                print(f"interrupted: {len(done) - already} finished episodes kept in {out}; rerun to resume",
                       file=sys.stderr)
                 return 130
     print(summarize(done))

@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from microtrain.evaluation import Terminated, run_pool  # noqa: E402
+from microtrain.paths import write_atomic  # noqa: E402
 
 DOMAINS = ("omniglot.zip", "traffic_sign.zip", "quickdraw.npz", "flowers.zip", "dtd.zip", "tinyimagenet.zip")
 CHECKPOINTS = (5, 10, 20, 40)
@@ -93,8 +94,9 @@ def main(argv=None):
     except (KeyboardInterrupt, Terminated):
         print("interrupted: nothing written", file=sys.stderr)
         return 130
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1))
+    order = {(t[1], t[2]): i for i, t in enumerate(tasks)}  # the workers finish in any order
+    results.sort(key=lambda r: order[r["domain"], r["seed"]])
+    write_atomic(args.out, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
     import numpy as np
 
     print(f"{args.method} on {args.backbone}, {len(tasks)} validation episodes, {time.time() - start:.0f} s")
