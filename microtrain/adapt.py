@@ -97,6 +97,7 @@ class OneLineParser(argparse.ArgumentParser):
     bad input of the commands is, instead of its usage block."""
 
     def error(self, message):
+        """Print one line (not argparse's usage block) and exit with status 2."""
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
@@ -129,6 +130,7 @@ class _Explicit(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m microtrain.adapt``; every default is ``FinetuneConfig``'s."""
     d = FinetuneConfig()
     p = OneLineParser(
         prog="python -m microtrain.adapt", allow_abbrev=False,

@@ -66,14 +66,17 @@ class ConvLayer:
 
     @property
     def groups(self) -> int:
+        """Convolution groups: in_channels for a depthwise layer, else 1."""
         return self.in_channels if self.kind == "depthwise" else 1
 
     @property
     def weight_shape(self) -> tuple[int, int, int, int]:
+        """(out_channels, in_channels/groups, kernel, kernel)."""
         return (self.out_channels, self.in_channels // self.groups, self.kernel, self.kernel)
 
     @property
     def weight_count(self) -> int:
+        """Number of weights (the bias not counted)."""
         return int(np.prod(self.weight_shape))
 
     @property
@@ -195,18 +198,22 @@ class LiteSpec:
 
     @property
     def conv_name(self) -> str:
+        """Name of the branch's group conv: 'blocks.B.lite.conv'."""
         return f"blocks.{self.block}.lite.conv"
 
     @property
     def project_name(self) -> str:
+        """Name of the branch's 1x1 projection: 'blocks.B.lite.project'."""
         return f"blocks.{self.block}.lite.project"
 
     @property
     def conv_weight_shape(self) -> tuple[int, int, int, int]:
+        """(mid_channels, in_channels/groups, kernel, kernel)."""
         return (self.mid_channels, self.in_channels // self.groups, self.kernel, self.kernel)
 
     @property
     def project_weight_shape(self) -> tuple[int, int, int, int]:
+        """(out_channels, mid_channels, 1, 1)."""
         return (self.out_channels, self.mid_channels, 1, 1)
 
     @property

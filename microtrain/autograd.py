@@ -73,9 +73,12 @@ class Op:
     per_image = False
 
     def out_shape(self, node, shapes):
+        """The output's shape from the inputs' ``shapes`` (default: input 0's); raise ValueError or
+        IndexError when they do not fit (the graph turns that into a GraphError)."""
         return shapes[0]
 
     def out_dtype(self, node):
+        """The output's dtype (default float32)."""
         return F32
 
     def saved(self, node, shapes, upd: LayerUpdate | None) -> dict:
@@ -101,6 +104,8 @@ class Op:
         raise NotImplementedError
 
     def backward_weight(self, node, dw, db, dy, saved, upd: LayerUpdate):
+        """Write the gradients of the trained weight rows ``dw`` (rows of ``upd.weight``) and bias
+        entries ``db`` (of ``upd.bias``), either None when not trained (overwrite)."""
         raise NotImplementedError
 
     def shard_saved(self, node, key, array, n0, n1, shape):
@@ -136,6 +141,8 @@ class _WeightedOp(Op):
 
 
 class Conv2d(_WeightedOp):
+    """Dense or grouped KxK convolution, zero padding (K-1)/2: x (N, Cin, H, W) float32, weight
+    (Cout, Cin/groups, K, K), bias (Cout,) -> (N, Cout, Ho, Wo), Ho = (H + 2*((K-1)//2) - K)//stride + 1."""
     kind = "conv"
 
     def __init__(self, stride: int, groups: int = 1):
@@ -170,6 +177,8 @@ class Conv2d(_WeightedOp):
 
 
 class Depthwise(_WeightedOp):
+    """Depthwise KxK convolution (one filter per channel, zero padding (K-1)/2): x (N, C, H, W)
+    float32, weight (C, 1, K, K), bias (C,) -> (N, C, Ho, Wo)."""
     kind = "depthwise"
 
     def __init__(self, stride: int):
@@ -225,6 +234,7 @@ class _Dense(_WeightedOp):
 
 
 class Pointwise(_Dense):
+    """1x1 convolution: x (N, Cin, H, W) float32, weight (Cout, Cin, 1, 1), bias (Cout,) -> (N, Cout, H, W)."""
     kind = "pointwise"
     kernels = (kpw.pointwise_forward, kpw.pointwise_backward_input, kpw.pointwise_backward_weight)
 
@@ -245,6 +255,7 @@ class Pointwise(_Dense):
 
 
 class Linear(_Dense):
+    """Fully connected layer: x (N, Cin) float32, weight (Cout, Cin), bias (Cout,) -> (N, Cout)."""
     kind = "linear"
     per_image = False  # a classifier head: too small to split
     kernels = (kpw.linear_forward, kpw.linear_backward_input, kpw.linear_backward_weight)
@@ -254,6 +265,7 @@ class Linear(_Dense):
 
 
 class ReLU6(Op):
+    """min(max(x, 0), 6), elementwise and in place; backward keeps one bit per element (0 < x < 6)."""
     kind = "relu6"
     inplace = True
     per_image = True
@@ -280,6 +292,7 @@ class ReLU6(Op):
 
 
 class Add(Op):
+    """a + b of one shape (a residual connection), in place over a."""
     kind = "add"
     inplace = True
     per_image = True
@@ -294,6 +307,7 @@ class Add(Op):
 
 
 class GlobalAvgPool(Op):
+    """Mean over the map: (N, C, H, W) -> (N, C)."""
     kind = "global_avg_pool"
     per_image = True
 
@@ -308,6 +322,8 @@ class GlobalAvgPool(Op):
 
 
 class AvgPool(Op):
+    """Mean over non-overlapping factor x factor windows: (N, C, H, W) -> (N, C, H/factor, W/factor);
+    H and W must be multiples of ``factor`` (``GraphError`` otherwise)."""
     kind = "avg_pool"
     per_image = True
 
@@ -328,6 +344,7 @@ class AvgPool(Op):
 
 
 class Upsample(Op):
+    """Nearest-neighbour upsampling: (N, C, H, W) -> (N, C, H*factor, W*factor)."""
     kind = "upsample"
     per_image = True
 
@@ -346,6 +363,7 @@ class Upsample(Op):
 
 
 class L2Normalize(Op):
+    """Rows divided by max(L2 norm, 1e-12): (N, C) -> (N, C); keeps the output and the (N,) norms for backward."""
     kind = "l2_normalize"
 
     def workspace(self, node, shapes):
@@ -502,6 +520,7 @@ class Graph:
 
     # -- construction ---------------------------------------------------------------------------
     def input(self, name: str, shape: Iterable[int], dtype=np.float32) -> Value:
+        """A graph input (images, labels, constant prototypes) of this shape and dtype, filled at run time."""
         return self._value(name, tuple(int(s) for s in shape), np.dtype(dtype), None)
 
     def _value(self, name, shape, dtype, producer) -> Value:
@@ -530,44 +549,57 @@ class Graph:
         return out
 
     def conv2d(self, x, weight, bias=None, stride=1, groups=1, name=None):
+        """``Conv2d``: x (N, Cin, H, W); weight (Cout, Cin/groups, K, K) float32, C-contiguous; bias (Cout,)
+        or None (zeros). Raises ``GraphError`` on a wrong rank, dtype or shape, or a repeated name."""
         _expect(name, x, 4, "conv2d")
         return self._add(Conv2d(stride, groups), [x], name, weight, bias)
 
     def depthwise(self, x, weight, bias=None, stride=1, name=None):
+        """``Depthwise``: x (N, C, H, W); weight (C, 1, K, K) float32; bias (C,) or None. ``GraphError`` as conv2d."""
         _expect(name, x, 4, "depthwise")
         return self._add(Depthwise(stride), [x], name, weight, bias)
 
     def pointwise(self, x, weight, bias=None, name=None):
+        """``Pointwise`` (1x1 conv): x (N, Cin, H, W); weight (Cout, Cin, 1, 1) float32; bias (Cout,) or None."""
         _expect(name, x, 4, "pointwise")
         return self._add(Pointwise(), [x], name, weight, bias)
 
     def linear(self, x, weight, bias=None, name=None):
+        """``Linear``: x (N, Cin); weight (Cout, Cin) float32; bias (Cout,) or None."""
         _expect(name, x, 2, "linear")
         return self._add(Linear(), [x], name, weight, bias)
 
     def relu6(self, x, name=None):
+        """``ReLU6`` of x (any shape)."""
         return self._add(ReLU6(), [x], name)
 
     def add(self, a, b, name=None):
+        """a + b; ``GraphError`` when their shapes differ."""
         if a.shape != b.shape:
             raise GraphError(f"{name or 'add'}: shapes {a.shape} and {b.shape} differ")
         return self._add(Add(), [a, b], name)
 
     def global_avg_pool(self, x, name=None):
+        """(N, C, H, W) -> (N, C) means."""
         _expect(name, x, 4, "global_avg_pool")
         return self._add(GlobalAvgPool(), [x], name)
 
     def avg_pool(self, x, factor, name=None):
+        """(N, C, H, W) -> (N, C, H/factor, W/factor) window means (``AvgPool``)."""
         return self._add(AvgPool(factor), [x], name)
 
     def upsample(self, x, factor, name=None):
+        """(N, C, H, W) -> (N, C, H*factor, W*factor), nearest neighbour."""
         return self._add(Upsample(factor), [x], name)
 
     def l2_normalize(self, x, name=None):
+        """(N, C) rows scaled to unit L2 norm."""
         _expect(name, x, 2, "l2_normalize")
         return self._add(L2Normalize(), [x], name)
 
     def cosine_logits(self, z, prototypes, scale, name=None):
+        """(N, ways) = scale x cosine of z (N, C) rows to prototypes (ways, C) rows (both normalised
+        by the caller); ``GraphError`` when C differs."""
         if z.shape[1] != prototypes.shape[1]:
             raise GraphError(f"{name or 'cosine_logits'}: embeddings {z.shape} vs prototypes {prototypes.shape}")
         return self._add(CosineLogits(scale), [z, prototypes], name)
@@ -582,9 +614,11 @@ class Graph:
         return self._add(ClassMean(ways), [z, labels], name)
 
     def rows(self, x, start, stop, name=None):
+        """Rows start:stop of x (N, ...)."""
         return self._add(Rows(start, stop), [x], name)
 
     def cross_entropy(self, logits, labels, name=None):
+        """Mean softmax cross-entropy (a scalar) of logits (N, ways) against labels (N,) int64."""
         if labels.shape != (logits.shape[0],) or labels.dtype != np.int64:
             raise GraphError(f"{name or 'cross_entropy'}: labels must be int64 {(logits.shape[0],)}, "
                              f"got {labels.dtype} {labels.shape}")
@@ -592,11 +626,13 @@ class Graph:
 
     # -- lookup -----------------------------------------------------------------------------------
     def node(self, name: str) -> Node:
+        """The node named ``name``; ``GraphError`` if there is none."""
         if name not in self._names:
             raise GraphError(f"no layer named {name!r}")
         return self.nodes[self._names[name]]
 
     def value(self, name_or_value) -> Value:
+        """A Value, or the graph input or node output of that name."""
         if isinstance(name_or_value, Value):
             return name_or_value
         for v in self.values:
@@ -606,9 +642,11 @@ class Graph:
 
     @property
     def inputs(self) -> list[Value]:
+        """The graph inputs, in the order they were declared."""
         return [v for v in self.values if v.producer is None]
 
     def trainable_nodes(self) -> list[Node]:
+        """Nodes with a weight and bias (conv, depthwise, pointwise, linear), in execution order."""
         return [n for n in self.nodes if n.op.has_params]
 
 
@@ -992,6 +1030,7 @@ class Executor:
 
     # -- trainable state --------------------------------------------------------------------------
     def trained(self) -> list[tuple[Node, LayerUpdate]]:
+        """(node, its LayerUpdate) for every layer the selection trains."""
         return [(self.graph.nodes[i], u) for i, u in self.program.updates.items()]
 
     def master(self, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -999,6 +1038,7 @@ class Executor:
         return self.buffers.get(f"master:{name}:weight"), self.buffers.get(f"master:{name}:bias")
 
     def momentum(self, name: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """The arena's SGD momentum buffers of a layer's trained weight rows and bias entries."""
         return self.buffers.get(f"momentum:{name}:weight"), self.buffers.get(f"momentum:{name}:bias")
 
     def load_trainable(self):

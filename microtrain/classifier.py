@@ -83,6 +83,7 @@ class Classifier:
 
     @property
     def resolution(self) -> int:
+        """Input image side in pixels (the backbone's)."""
         return self.net.resolution
 
     # -- inference -------------------------------------------------------------------------------

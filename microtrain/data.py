@@ -115,6 +115,7 @@ class Dataset:
         """Release open file handles (a closed dataset reopens them on the next ``load``)."""
 
     def describe(self, item) -> str:
+        """Where ``item`` comes from, for messages (a path, ``ZIP:member`` or ``SOURCE[index]``)."""
         return f"{self.source}: {item}"
 
     def _note(self, message: str) -> None:
@@ -505,6 +506,7 @@ class ZipDataset(Dataset):
         return self._zip
 
     def close(self) -> None:
+        """Close the zip file (reopened on the next ``load``)."""
         if self._zip is not None:
             self._zip.close()
             self._zip = None
@@ -656,6 +658,7 @@ class NpzDataset(ArrayDataset):
         self._init_index(shape, y, names)
 
     def close(self) -> None:
+        """Close the .npz file (reopened on the next ``load``)."""
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -37,6 +37,7 @@ class Episode:
 
     @property
     def way(self) -> int:
+        """Number of classes (ways) in the episode."""
         return len(self.classes)
 
     @property
@@ -46,6 +47,7 @@ class Episode:
 
     @property
     def query_shots(self) -> np.ndarray:
+        """Query images per class (int64, one per class)."""
         return np.bincount(self.query_labels, minlength=self.way)
 
     def __repr__(self) -> str:
@@ -80,10 +82,12 @@ class EpisodeImages:
 
     @property
     def way(self) -> int:
+        """Number of classes (ways)."""
         return len(self.classes)
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the decoded uint8 support and query images."""
         return self.support.nbytes + self.query.nbytes
 
     def support_input(self, indices=None) -> np.ndarray:
@@ -91,6 +95,7 @@ class EpisodeImages:
         return to_input(self.support if indices is None else self.support[indices])
 
     def query_input(self, indices=None) -> np.ndarray:
+        """Query images (all, or ``indices``) as float32 (N, 3, R, R) in [-1, 1]."""
         return to_input(self.query if indices is None else self.query[indices])
 
     def batches(self, part: str = "query", batch_size: int = 50,

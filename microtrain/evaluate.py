@@ -44,10 +44,12 @@ from .paths import MissingSharedError
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage + message
+        """Bad options raise ``GridError`` (one line) instead of printing argparse's usage."""
         raise GridError(f"{self.prog}: {message} (see --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m microtrain.evaluate`` and its run/report/estimate commands."""
     from .methods import METHODS  # lazy: loads NumPy (see cmd_run)
 
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -114,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv):
+    """The parsed command line; ``run`` is assumed when no command is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("run", "report", "estimate", "-h", "--help"):
         argv = ["run", *argv]  # run is the default command
@@ -121,6 +124,8 @@ def parse_args(argv):
 
 
 def cmd_run(args, argv: list[str]) -> int:
+    """``run``: plan the grid's missing tasks, run them (worker processes or a Dask cluster), write
+    each record as it finishes and then the report; ``GridError`` on bad options."""
     # lazy: the report loads NumPy, and this module runs first in a spawned pool worker (evaluation)
     from .evaluation_report import write_report
 
@@ -162,6 +167,7 @@ def cmd_run(args, argv: list[str]) -> int:
 
 
 def cmd_estimate(args) -> int:
+    """``estimate``: the wall time of a grid from the task seconds of the records in ``--out``."""
     # lazy: the report loads NumPy, and this module runs first in a spawned pool worker (evaluation)
     from .evaluation_report import estimate_wall_time, load_records
 
@@ -182,6 +188,8 @@ def cmd_estimate(args) -> int:
 
 
 def main(argv=None) -> int:
+    """The command line: 0 on success, 2 on bad input (one line on stderr), 130 on Ctrl-C, 143 on
+    SIGTERM (finished records are kept)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parse_args(argv)

@@ -818,6 +818,8 @@ class Progress:
         return elapsed * left / seconds
 
     def line(self, rec: dict) -> str:
+        """Count a finished record and return its progress line: the bar, the task, its accuracy or
+        error, and the time left (estimated per backbone and method from the tasks done)."""
         self.done += 1
         self.failed += "error" in rec
         key = (rec["backbone"], rec["method"])

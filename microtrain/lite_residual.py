@@ -100,10 +100,12 @@ class LiteResidualHook:
 
     @property
     def layer_names(self) -> list[str]:
+        """Names of the branches' layers (group convs and projections), in block order."""
         return list(self.params)
 
     @property
     def param_count(self) -> int:
+        """Weights and biases of every branch (TinyTL's extra parameters)."""
         return sum(s.params for s in self.specs.values())
 
     def state(self) -> dict[str, np.ndarray]:

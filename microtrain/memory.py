@@ -38,16 +38,20 @@ class Buffer:
 
     @property
     def nbytes(self) -> int:
+        """The buffer's size in bytes (elements x itemsize)."""
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
     @property
     def padded(self) -> int:
+        """Bytes it occupies in the arena: nbytes rounded up to ``ALIGN`` (at least one block)."""
         return -(-max(self.nbytes, 1) // ALIGN) * ALIGN
 
     def alive_at(self, step: int) -> bool:
+        """True when the buffer must hold its contents at ``step`` (start <= step <= end)."""
         return self.start <= step <= self.end
 
     def overlaps_in_time(self, other: "Buffer") -> bool:
+        """True when both are alive at some common step, so they cannot share arena bytes."""
         return self.start <= other.end and other.start <= self.end
 
 
@@ -89,18 +93,22 @@ class Plan:
 
     @property
     def arena_bytes(self) -> int:
+        """The arena size in bytes after first-fit placement (``place``, run on first use)."""
         if self._arena_bytes is None:
             self._arena_bytes = place(self.buffers)
         return self._arena_bytes
 
     def live_bytes(self, step: int, categories=CATEGORIES) -> int:
+        """Bytes of the buffers of ``categories`` alive at ``step`` (unpadded)."""
         return int(sum(self._live[CATEGORIES.index(c), step] for c in categories))
 
     def by_category(self, step: int) -> dict[str, int]:
+        """Bytes alive at ``step``, per category (``CATEGORIES``)."""
         return {c: self.live_bytes(step, (c,)) for c in CATEGORIES}
 
     @property
     def peak_step(self) -> int:
+        """The step with the most bytes alive (the first, on a tie); 0 for an empty plan."""
         return int(np.argmax(self._live.sum(axis=0))) if self.step_names else 0
 
     @property

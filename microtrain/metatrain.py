@@ -84,6 +84,7 @@ def learning_rate(cfg: MetaConfig, episode: int) -> float:
 
 
 def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (provenance of the weight files), read 1 MiB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -125,6 +126,9 @@ class EpisodeSource:
         return np.stack([self._cache[item] for item in items])
 
     def episode(self, seed, way: int, shot: int, query: int):
+        """A way-way shot-shot episode with ``query`` queries per class drawn by ``seed``: (images
+        uint8 (way*(shot+query), 3, R, R), support first; support labels (way*shot,) int64; query
+        labels (way*query,) int64)."""
         ep = sample_episode(self.dataset, way, shot, query, seed)
         images = self._load(list(ep.support) + list(ep.query))
         return images, np.asarray(ep.support_labels, np.int64), np.asarray(ep.query_labels, np.int64)
@@ -175,6 +179,7 @@ class MetaTrainer:
         return loss
 
     def momentum_state(self) -> dict[str, np.ndarray]:
+        """Copies of the SGD momentum buffers by name ('momentum:LAYER.weight'/'.bias'), for the run state."""
         out = {}
         for node, _ in self.run.trained():
             for part, m in zip(("weight", "bias"), self.run.momentum(node.name)):
@@ -183,6 +188,7 @@ class MetaTrainer:
         return out
 
     def load_momentum(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore the momentum buffers from ``momentum_state``'s arrays (``KeyError`` if one is missing)."""
         for node, _ in self.run.trained():
             for part, m in zip(("weight", "bias"), self.run.momentum(node.name)):
                 if m is not None:
@@ -194,11 +200,14 @@ class MetaTrainer:
 # --------------------------------------------------------------------------------------------
 
 def state_path(out: Path) -> Path:
+    """Where a meta-training run to ``out`` (a .npz) keeps its resumable state: OUT_STEM.state.npz beside it."""
     return out.with_name(out.stem + ".state.npz")
 
 
 def save_state(path: Path, state: dict, net: Network, best: dict[str, np.ndarray],
                momentum: dict[str, np.ndarray]) -> None:
+    """Write the run state atomically as one .npz (no pickle): ``state`` (JSON-able counters and
+    history), the current weights, the best weights so far and the momentum buffers."""
     arrays = {f"weights:{k}": v for k, v in net.state().items()}
     arrays.update({f"best:{k}": v for k, v in best.items()})
     arrays.update(momentum)
@@ -254,6 +263,7 @@ def check_state_arrays(path: Path, kind: str, arrays: dict[str, np.ndarray],
 # --------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m microtrain.metatrain`` (its --help lists every setting)."""
     p = argparse.ArgumentParser(
         prog="python -m microtrain.metatrain",
         description="Few-shot meta-training of a backbone on MiniImageNet ProtoNet episodes (the paper's "
@@ -436,6 +446,8 @@ def metatrain(args, log=print) -> dict:
 
 
 def main(argv=None) -> int:
+    """The command line: 0 on success, 2 on bad input or a diverged run (one line on stderr), 130
+    on Ctrl-C (the run resumes from its last checkpoint)."""
     args = build_parser().parse_args(argv)
     args.argv = argv
     return exit_status(lambda: metatrain(args),

@@ -34,4 +34,5 @@ class MethodPlan:
 
     @property
     def trains(self) -> bool:
+        """False for a method that trains nothing (None: prototypes only)."""
         return len(self.selection) > 0

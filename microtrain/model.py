@@ -48,6 +48,7 @@ class Network:
 
     @property
     def name(self) -> str:
+        """The backbone's name from its weight file (e.g. 'mcunet-5fps-meta')."""
         return self.arch.get("name", "network")
 
     @property
@@ -59,13 +60,16 @@ class Network:
 
     @property
     def resolution(self) -> int:
+        """Input image side in pixels (the network reads float32 (N, 3, R, R))."""
         return int(self.arch["resolution"])
 
     @property
     def embedding_size(self) -> int:
+        """Length of the pooled feature vector (the last layer's output channels)."""
         return self.layers[-1].out_channels
 
     def layer(self, name: str) -> ConvLayer:
+        """The conv layer of that name; ``KeyError`` if there is none."""
         for layer in self.layers:
             if layer.name == name:
                 return layer
@@ -106,6 +110,7 @@ class Network:
         return g.global_avg_pool(h, name="pool")
 
     def features_graph(self, batch: int, block_hook=None) -> Graph:
+        """A graph from images (batch, 3, R, R) float32 to pooled features (batch, embedding_size)."""
         g = Graph()
         self.build_features(g, g.input("image", (batch, 3, self.resolution, self.resolution)), block_hook)
         return g
@@ -163,6 +168,7 @@ class Network:
     # -- counts --------------------------------------------------------------------------------------
     @property
     def forward_macs(self) -> int:
+        """Multiply-accumulates of one image's forward pass through the conv layers."""
         return sum(layer.macs for layer in self.layers)
 
     def state(self) -> dict[str, np.ndarray]:
@@ -174,6 +180,7 @@ class Network:
         return {**out, **lite, **self.extra}
 
     def copy(self) -> "Network":
+        """An independent network with copies of every array (fine-tuning changes weights in place)."""
         return Network(self.arch, {k: v.copy() for k, v in self.state().items()})
 
 

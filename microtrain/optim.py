@@ -27,6 +27,9 @@ class SGD:
             self.row_scales[name] = tuple(None if a is None else np.asarray(a, np.float32) for a in parts)
 
     def step(self, run) -> None:
+        """One update of every trained row of ``run`` (an ``autograd.Executor`` after ``backward``),
+        from its gradients, written back into the layers' weights; ``ValueError`` when momentum
+        is asked of an executor planned without momentum buffers."""
         for node, upd in run.trained():
             dw, db = run.grad(node.name)
             mw, mb = run.master(node.name)

@@ -87,6 +87,8 @@ def evaluate(truths: np.ndarray, predicted: np.ndarray, classes: list[str]) -> d
 
 
 def evaluation_text(ev: dict, classes: list[str]) -> list[str]:
+    """Lines of text for ``evaluate_folder``'s result: accuracy, then per-class accuracy and the
+    confusion matrix rows (true class by predicted class)."""
     lines = [f"accuracy: {100 * ev['accuracy']:.2f}% ({ev['correct']} of {ev['images']} images in class folders"
              + (f"; {ev['unlabelled']} others not scored)" if ev["unlabelled"] else ")")]
     width = max(len("class"), *(len(c) for c in ev["per_class"]))
@@ -106,6 +108,7 @@ def evaluation_text(ev: dict, classes: list[str]) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m microtrain.predict``."""
     p = OneLineParser(prog=PROG, allow_abbrev=False,
                       description="Classify images with a classifier written by python -m microtrain.adapt.")
     p.add_argument("classifier", help="the classifier file (runs/adapt/classifier.npz by default in adapt)")
@@ -177,6 +180,7 @@ def run(args, out=None, err=None) -> dict:
 
 
 def main(argv=None) -> int:
+    """The command line: 0 on success, 2 on bad input (one line on stderr), 130 on Ctrl-C."""
     args = build_parser().parse_args(argv)
     return exit_status(lambda: run(args), (UsageError, ClassifierError, DataError))
 

@@ -33,11 +33,13 @@ class LayerUpdate:
 
     @staticmethod
     def full(out_channels: int) -> "LayerUpdate":
+        """Every weight row and bias entry of a layer with ``out_channels`` outputs."""
         everything = _channels(np.arange(out_channels))
         return LayerUpdate(everything, everything)
 
     @staticmethod
     def bias_only(out_channels: int) -> "LayerUpdate":
+        """Every bias entry, no weight (TinyTL's and the bias-only candidates' update)."""
         return LayerUpdate(None, _channels(np.arange(out_channels)))
 
     @staticmethod
@@ -54,10 +56,12 @@ class LayerUpdate:
 
     @property
     def trains_weight(self) -> bool:
+        """True when at least one weight row is trained."""
         return self.weight is not None and len(self.weight) > 0
 
     @property
     def trains_bias(self) -> bool:
+        """True when at least one bias entry is trained."""
         return self.bias is not None and len(self.bias) > 0
 
     def covers_all(self, out_channels: int) -> bool:
@@ -76,6 +80,7 @@ class Selection:
         object.__setattr__(self, "layers", kept)
 
     def get(self, name: str) -> LayerUpdate | None:
+        """The layer's update, or None when it is frozen."""
         return self.layers.get(name)
 
     def __contains__(self, name: str) -> bool:
@@ -85,6 +90,7 @@ class Selection:
         return len(self.layers)
 
     def names(self) -> list[str]:
+        """The trained layers' names, in the order they were given."""
         return list(self.layers)
 
     def describe(self, out_channels: Mapping[str, int] | None = None) -> str:

@@ -51,6 +51,9 @@ def summarize(arch: dict, arrays: dict) -> dict:
 
 
 def format_text(s: dict) -> str:
+    """``summarize``'s result as a table: one row per conv layer (kind, channels, kernel/stride, map,
+    weight shape, weights, MACs), then weights and MACs by kind and in total, and where the
+    network came from (meta-training, TinyTL branches)."""
     src = s["source"]
     lines = [f"{s['name']}: {s['resolution']}x{s['resolution']} input, {s['blocks']} blocks "
              f"({s['residual_blocks']} residual), embedding {s['embedding']}  [{src['kind']} {src['file']}]", ""]
@@ -82,6 +85,7 @@ def format_text(s: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """The command line: print a weight file's layer table (or JSON); 0, or 2 on a bad file."""
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("weights", help=f"a weight file (.npz) or a backbone name ({', '.join(BACKBONES)})")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")

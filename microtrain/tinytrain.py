@@ -138,6 +138,7 @@ class Costs:
     macs: int  # backward MACs
 
     def within(self, mem_budget: int, mac_budget: int) -> bool:
+        """True when memory <= mem_budget (bytes) and macs <= mac_budget (MACs)."""
         return self.memory <= mem_budget and self.macs <= mac_budget
 
 

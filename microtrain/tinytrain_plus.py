@@ -97,6 +97,7 @@ class PlusRule:
         return rule
 
     def check(self) -> None:
+        """Raise ``ValueError`` (one line) on a field out of its range or an unknown option."""
         if not 0 < self.reach <= 1 or self.groups < 1 or self.lr <= 0 or self.momentum < 0:
             raise ValueError("reach must be in (0, 1], groups >= 1, lr > 0, momentum >= 0")
         if not 0 <= self.precondition <= 1 or self.bias_step <= 0:

@@ -183,6 +183,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         self._storages: dict[str, _Storage] = {}
 
     def find_class(self, module, name):
+        """Only the globals of ``_ALLOWED`` (tensor and NumPy array rebuilders, storage types,
+        OrderedDict); any other raises ``CheckpointError``: a checkpoint is untrusted data."""
         entry = _ALLOWED.get((module, name))
         if entry is None:
             raise CheckpointError(
@@ -192,6 +194,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         return _Global(f"{module}.{name}", call, dtype)
 
     def persistent_load(self, pid):
+        """A storage reference ('storage', type, key, location, numel) -> that record
+        (archive/data/KEY) as a flat read-only array (``_Storage``), read once; ``CheckpointError``
+        on anything else."""
         # torch's zip format: ('storage', storage_type, key, location, numel)
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise CheckpointError(f"unsupported persistent id {pid!r:.80}")

@@ -438,7 +438,6 @@ def test_masked_weight_gradients_equal_full_rows_bit_for_bit(stride):
     x, dy = f32(rng, N, C, H, W), None
 
     # full conv, groups 2, 3x3
-    w = f32(rng, 8, 6, 3, 3)
     Ho, Wo = out_size(H, 3, stride), out_size(W, 3, stride)
     dy = f32(rng, N, 8, Ho, Wo)
     a, b = np.empty((8, 6, 3, 3), np.float32), np.empty((len(ch[ch < 8]), 6, 3, 3), np.float32)

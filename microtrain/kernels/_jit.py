@@ -215,6 +215,7 @@ def _private_temp_folder() -> str | None:
 
 # --------------------------------------------------------------------------- input checks
 def fail(op: str, message: str):
+    """Raise ``KernelInputError`` with the message 'OP: MESSAGE'."""
     raise KernelInputError(f"{op}: {message}")
 
 
@@ -242,17 +243,20 @@ def array(op: str, name: str, a, ndim: int, dtype=F32, writable: bool = False) -
 
 
 def shape_is(op: str, name: str, a: np.ndarray, expected: tuple, why: str = "") -> None:
+    """``a.shape == expected``; otherwise raise KernelInputError naming ``op``, ``name`` and ``why``."""
     if a.shape != expected:
         tail = f" ({why})" if why else ""
         fail(op, f"{name} {tuple(a.shape)} should be {tuple(expected)}{tail}")
 
 
 def stride_ok(op: str, stride) -> None:
+    """``stride`` is the integer 1 or 2 (the strides the conv kernels implement); else KernelInputError."""
     if type(stride) is bool or not isinstance(stride, (int, np.integer)) or stride not in (1, 2):
         fail(op, f"stride must be 1 or 2, got {stride!r}")
 
 
 def odd_square_kernel(op: str, name: str, w: np.ndarray) -> int:
+    """The side k of ``w``'s (.., .., k, k) kernels; KernelInputError unless square and odd."""
     k = w.shape[2]
     if w.shape[3] != k or k % 2 == 0:
         fail(op, f"{name} {tuple(w.shape)} must hold odd square k x k kernels")
@@ -283,6 +287,7 @@ def indices(op: str, name: str, idx, limit: int, what: str) -> None:
 
 
 def int_at_least(op: str, name: str, value, lo: int) -> None:
+    """``value`` is an integer (not a bool) >= ``lo``; else KernelInputError."""
     if type(value) is bool or not isinstance(value, (int, np.integer)) or value < lo:
         fail(op, f"{name} must be an integer >= {lo}, got {value!r}")
 
