@@ -94,6 +94,7 @@ def _common(p: argparse.ArgumentParser, backbones: str, domains: str, seeds: str
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of tools/analyze.py and its layers/rank/channels/compare/meta commands."""
     p = _Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     lay = sub.add_parser("layers", help="Figure 3: gain of updating one layer at a time at four channel ratios")
@@ -164,10 +165,12 @@ def _key(text: str) -> str:
 
 
 def record_path(out: Path, kind: str, backbone: str, domain: str, key: str, seed: int) -> Path:
+    """Where one analysis task's record lives: OUT/KIND/BACKBONE/DOMAIN/KEY/SEED.json."""
     return out / kind / backbone / domain / _key(key) / f"{seed}.json"
 
 
 def read_records(out: Path, kind: str) -> list[dict]:
+    """Every readable record of one analysis kind ('layer', 'fisher', 'method') under ``out``."""
     ev = _ev()
     return [r for p in sorted((out / kind).glob("*/*/*/*.json")) if "unreadable" not in (r := ev.read_record(p)).get("error", "")]
 
@@ -402,6 +405,8 @@ def _gain(r: dict) -> float:
 
 
 def report_layers(ctx: Context, ratios) -> None:
+    """Figure 3 (layers.md, layers.png): each layer's gain when trained alone at each channel ratio,
+    raw, per parameter and per backward MAC, mean and 95% interval over the episodes."""
     rep = _rep()
     import numpy as np
 
@@ -480,6 +485,9 @@ def spearman(x, y) -> float:
 
 
 def report_rank(ctx: Context, ratio: float) -> None:
+    """rank.md, rank.png: Spearman correlation between each criterion (Fisher potential, Eq. 3,
+    shift Fisher information) and the measured single-layer gain, over all layers and over the
+    layers the MAC budget lets the backward pass reach; per episode, then mean and interval."""
     rep = _rep()
     import numpy as np
 
@@ -563,6 +571,8 @@ def _plot_rank(plt, points):
 
 
 def report_channels(ctx: Context, ratios) -> None:
+    """Figures 4/6b (channels.md, channels.png): gain of dynamic (Fisher) vs random vs L2-norm
+    channel choice per ratio, mean over layers and episodes, with paired differences."""
     rep = _rep()
     import numpy as np
 
@@ -626,6 +636,7 @@ def _plot_channels(plt, panels):
 # ----------------------------------------------------------------------------------------------
 
 def method_task(ctx: Context, backbone: str, domain: str, seed: int, method: str):
+    """(record path, a function that adapts one episode with ``method`` and returns its record)."""
     def run():
         from microtrain.pipeline import adapt_episode
 
@@ -674,6 +685,8 @@ def _paired(rep, a: dict, b: dict, domains) -> tuple[float, float | None]:
 
 
 def report_compare(ctx: Context, methods, reference: str, backbone: str | None = None) -> None:
+    """compare.md: each method's accuracy per domain and averaged, its paired difference to
+    ``reference``, backward memory (bytes), backward MACs and selection seconds."""
     ev, rep = _ev(), _rep()
     import numpy as np
 
@@ -704,6 +717,9 @@ def report_compare(ctx: Context, methods, reference: str, backbone: str | None =
 
 
 def report_meta(ctx: Context, methods) -> None:
+    """Figure 6a (meta.md, meta.png): each method's average accuracy on the two --backbones (without,
+    with meta-training), the paired difference overall and per domain; ``UsageError`` unless
+    exactly two backbones are given."""
     rep = _rep()
     res = _method_results(ctx, methods)
     domains = list(ctx.domains)

@@ -89,6 +89,7 @@ class NotRun(Exception):
 
 
 def default_sysroot() -> Path:
+    """Where the emulated aarch64 Python is built once and reused (under the user's cache folder)."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(cache) / "microtrain" / "aarch64-sysroot"
 
@@ -183,6 +184,7 @@ def _last_line(text: str) -> str:
 
 
 def host_versions() -> dict:
+    """This machine's architecture and the versions of Python, Numba, llvmlite, NumPy and Pillow."""
     import platform
 
     return {"machine": platform.machine(), "python": platform.python_version(),
@@ -203,6 +205,7 @@ def run(cmd: list[str], env: dict | None, what: str, log_dir: Path) -> str:
 
 
 def host_command(*args: str) -> list[str]:
+    """The command running this Python on the host (niced, so the emulator keeps its share)."""
     return ["nice", "-n", "5", sys.executable, *args]
 
 
@@ -321,6 +324,7 @@ def predict_images(report: dict, work: Path) -> Path:
 
 
 def parse_json_output(text: str, what: str):
+    """A command's stdout as one JSON document or JSON lines; ``Mismatch`` naming ``what`` if neither."""
     try:
         return json.loads(text)
     except ValueError:
@@ -498,6 +502,7 @@ def main(argv=None) -> int:
 
 
 def part_kernels(emu: Emulator, work: Path):
+    """The kernel tests (tests/test_kernels.py) under the emulator."""
     out = run(emu.command("-m", "pytest", "-p", "no:cacheprovider", "--hypothesis-profile=aarch64",
                           "tests/test_kernels.py"), emu.env(), "kernels aarch64", work)
     yield f"tests/test_kernels.py on aarch64: {_last_line(out)}"
@@ -523,6 +528,7 @@ def compare_bits(host: dict, arm: dict) -> tuple[list[str], list[str], list[str]
 
 
 def part_bits(emu: Emulator, work: Path):
+    """Every kernel on the same inputs on both platforms; outputs equal bit for bit or within RTOL."""
     inputs, outputs = work / "kernel-inputs.npz", {}
     np.savez(inputs, **kernel_inputs())
     for platform_name, command, env in (("host", host_command, None), ("aarch64", emu.command, emu.env())):
@@ -539,6 +545,7 @@ def part_bits(emu: Emulator, work: Path):
 
 
 def part_adaptation(emu: Emulator, work: Path):
+    """The default adaptation on both platforms from the same weights; selection and accuracy compared."""
     from microtrain.adapt import DEFAULT_MODEL
     from microtrain.checkpoint import backbone_file
 
@@ -555,6 +562,7 @@ def part_adaptation(emu: Emulator, work: Path):
 
 
 def part_predict(emu: Emulator, work: Path):
+    """predict.py with the host's classifier on both platforms; the predictions compared."""
     # HOOK for issue 11: runs `python -m microtrain.predict CLASSIFIER IMAGES --json` on both
     # platforms, with the classifier the host's adaptation wrote, once microtrain/predict.py exists.
     if not (REPO / "microtrain" / "predict.py").is_file():

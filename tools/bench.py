@@ -150,6 +150,8 @@ def _kernel_cases(kind, I, O, k, s, S, np, K, torch):
 
 
 def cmd_kernels(args) -> int:
+    """``kernels``: each kernel's time at the MCUNet target shapes next to PyTorch's same op, same
+    thread count."""
     import numpy as np
     import numba
     import microtrain.kernels as K
@@ -269,6 +271,7 @@ def _compiled_kernels():
 
 
 def thread_report(threads, torch, policy=None) -> str:
+    """One line on the thread counts in force (Numba, OpenBLAS, PyTorch) and who set them."""
     policy = policy or {}
     import numba
 
@@ -730,6 +733,8 @@ def _batch_input(images, batch: int, to_input):
 
 
 def cmd_step(args) -> int:
+    """``step``: one whole training step of each method on three backbones, microtrain against PyTorch,
+    and their ratio."""
     import numpy as np
 
     try:
@@ -920,6 +925,8 @@ IMPORT_STAGES = [
 
 
 def cmd_rss(args) -> int:
+    """``rss``: peak RSS (MB) and wall time of a whole default adaptation in a fresh process, against
+    PyTorch fine-tuning the same layers of the same episode."""
     import json
     import tempfile
 

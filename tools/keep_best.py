@@ -29,6 +29,8 @@ DOMAINS = ("traffic_sign.zip", "omniglot.zip", "flowers.zip", "dtd.zip", "quickd
 
 
 def one(task):
+    """One (backbone, domain, seed, method, MAC budget) episode adapted twice, without and with
+    keep-best: {"plain"/"keep": accuracy before/after, seconds, or the error}."""
     from microtrain.adapt import parse_macs, resolve_model
     from microtrain.data import open_dataset
     from microtrain.episodes import EpisodeImages, sample_episode

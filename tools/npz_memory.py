@@ -68,6 +68,7 @@ def write_npz(path: Path, n: int, side: int, compressed: bool, random: bool) -> 
 
 
 def measure(script: str, *args: str) -> tuple[float, float, int]:
+    """Run ``script`` in a fresh Python and parse the three numbers it prints (seconds, MB, count)."""
     out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout.split()
     return float(out[0]), float(out[1]), int(out[2])

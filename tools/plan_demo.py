@@ -33,6 +33,7 @@ DEMO_ARCH = {"name": "demo-mbconv", "resolution": 64, "in_channels": 3,
 
 
 def demo_network(seed: int = 0) -> Network:
+    """A small random network of ``DEMO_ARCH`` (seeded weights, zero biases) for printing a plan."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for layer in layer_specs(DEMO_ARCH):

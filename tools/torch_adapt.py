@@ -36,6 +36,7 @@ DEFAULT_LAYERS = ("blocks.13.depthwise", "blocks.12.depthwise", "blocks.13.expan
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 

@@ -26,6 +26,8 @@ CHECKPOINTS = (5, 10, 20, 40)
 
 
 def one(task):
+    """One quick-protocol episode fine-tuned at each learning rate of ``task``: the query accuracy
+    at each of ``CHECKPOINTS`` passes (NaN from a diverged step on), and no training's."""
     from microtrain import model
     from microtrain.checkpoint import ensure_converted
     from microtrain.data import open_dataset
