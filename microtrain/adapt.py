@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SGD learning rate, > 0 (default: the method's, from the validation sweeps: "
                         "fulltrain and tinytl 1e-4, the others 3e-3)")
     g.add_argument("--momentum", type=finite_float(0, strict=False, high=1), default=d.momentum,
-                   help="SGD momentum, in [0, 1) (default %(default)s)")
+                   help="SGD momentum, in [0, 1) (default %(default)s; SparseUpdate and TinyTrain+ always use plain "
+                        "SGD, the setting they were chosen with)")
     g.add_argument("--weight-decay", type=finite_float(0, strict=False), default=d.weight_decay,
                    help="default %(default)s")
     g.add_argument("--scale", type=finite_float(0), default=d.scale, help="cosine logit scale (default %(default)s)")

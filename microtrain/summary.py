@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .architecture import embedding_channels, layer_specs
 from .checkpoint import BACKBONES, backbone_file
@@ -91,10 +92,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     try:
+        if args.weights not in BACKBONES and not Path(args.weights).exists():
+            raise CheckpointError(f"{args.weights}: no such weight file, nor a backbone name ({', '.join(BACKBONES)})")
         path = backbone_file(args.weights) if args.weights in BACKBONES else args.weights
         arch, arrays = load_weights(path)
     except (CheckpointError, MissingSharedError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)  # one line, as every microtrain command
         return 2
     s = summarize(arch, arrays)
     try:

@@ -792,7 +792,7 @@ def _figure(ctx: Context, name: str, draw) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print(f"note: matplotlib is not installed: {name}.png skipped (pip install matplotlib)")
+        print(f"note: matplotlib is not installed: {name}.png skipped (pip install matplotlib)", file=sys.stderr)
         return
     from microtrain.paths import write_atomic
 
