@@ -300,7 +300,7 @@ def write_figure(out: Path, backbone: str, s: dict) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: matplotlib is not installed: Figure 1 skipped (pip install matplotlib)")
+        print("note: matplotlib is not installed: Figure 1 skipped (pip install matplotlib)", file=sys.stderr)
         return None
     points = [(m, s["costs"][m], s["average"][m][0]) for m in s["methods"]
               if m in s["average"] and m in s["costs"] and s["costs"][m]["backward_macs"] > 0]
@@ -381,11 +381,16 @@ def write_report(out: Path) -> dict:
     finished = sorted(r["finished_at"] for r in records if r.get("finished_at"))
     commits = sorted({r.get("commit") or "unknown" for r in records})
     hosts = sorted({r["worker"]["host"] for r in records if (r.get("worker") or {}).get("host")})
+    cpus = sorted({f"{r['worker']['cpu']} (OpenBLAS {r['worker'].get('blas') or 'not found'})"
+                   for r in records if (r.get("worker") or {}).get("cpu")})
+    unnamed = sum(1 for r in records if r.get("worker") and not r["worker"].get("cpu"))
     if finished:
         lines.append(f"Episodes run {finished[0]} – {finished[-1]}, microtrain commit {', '.join(commits)}; "
                      f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, NumPy {np.__version__}, "
                      f"Numba {numba.__version__}"
-                     + (f"; episodes computed on {', '.join(hosts)}." if hosts else "."))
+                     + (f"; episodes computed on {', '.join(hosts)}" if hosts else "")
+                     + (f", CPU {', '.join(cpus)}" if cpus else "")
+                     + (f" (and {unnamed} record(s) from before records named their CPU)" if cpus and unnamed else "") + ".")
         lines.append("")
     lines += ["## Settings", "", *describe_settings(settings, records, config.get("backbones")), ""]
     if not records:

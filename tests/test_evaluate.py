@@ -5,19 +5,21 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import llvmlite.binding
 import numpy as np
 import pytest
 
 from conftest import grid_inputs
 from microtrain import evaluate, evaluation, stats
 from microtrain.adapt import resolve_model
-from microtrain.evaluation_report import _label_offsets
+from microtrain.evaluation_report import _label_offsets, write_report
 from microtrain.stats import t_quantile
 from microtrain.tinytrain import fulltrain_backward_macs
 from microtrain.train import FinetuneConfig
@@ -64,6 +66,8 @@ def test_run_records_reports_and_resumes(inputs, tmp_path, capsys):
             assert (r["backbone"], r["domain"], r["seed"], r["way"], r["support_size"]) == ("tiny", "toy", seed, 3, 6)
             assert r["worker"]["pid"] != os.getpid()  # a separate process, single-threaded
             assert r["worker"]["OPENBLAS_NUM_THREADS"] == r["worker"]["NUMBA_NUM_THREADS"] == "1"
+            assert r["worker"]["cpu"] == llvmlite.binding.get_host_cpu_name()  # what the kernels were built for
+            assert r["worker"]["blas"] == evaluation.blas_kernels()  # the OpenBLAS kernels NumPy's matmul ran on
         # the same episode for every method
         assert none["episode"]["classes"] == tiny["episode"]["classes"]
         assert none["accuracy_before"] == tiny["accuracy_before"] == none["accuracy_after"]
@@ -82,6 +86,14 @@ def test_run_records_reports_and_resumes(inputs, tmp_path, capsys):
 
     report = (out / "report.md").read_text()
     assert "### Table 1" in report and "### Table 2" in report and "Generated 20" in report
+    assert f", CPU {llvmlite.binding.get_host_cpu_name()} (OpenBLAS {evaluation.blas_kernels() or 'not found'})." in report
+    older = shutil.copytree(out, tmp_path / "older")  # one record written before records named the CPU
+    first = sorted(older.rglob("episodes/**/*.json"))[0]
+    record = json.loads(first.read_text())
+    del record["worker"]["cpu"]
+    first.write_text(json.dumps(record))
+    write_report(older)
+    assert "(and 1 record(s) from before records named their CPU)." in (older / "report.md").read_text()
     toy_row = next(line for line in report.splitlines() if line.startswith("| toy |"))
     cells = [c.strip() for c in toy_row.strip("|").split("|")]
     head = next(line for line in report.splitlines() if line.startswith("| domain |"))
@@ -135,7 +147,7 @@ def test_report_without_matplotlib(inputs, tmp_path, monkeypatch, capsys):
     assert not (out / "report.md").exists()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     assert evaluate.main(["report", "--out", str(out)]) == 0
-    assert "matplotlib is not installed" in capsys.readouterr().out
+    assert "matplotlib is not installed" in capsys.readouterr().err  # a note, on stderr as adapt's
     assert (out / "report.md").exists() and not list(out.glob("*.png"))
     assert "**average** (1 domain" in (out / "report.md").read_text()
 
@@ -675,3 +687,13 @@ def test_progress_eta_weighs_each_method_by_its_own_pace(monkeypatch):
     assert progress.eta() == pytest.approx(101.0)
     progress.line(rec("none", 1.0, 1))
     assert progress.line(rec("tinytl", 90.0, 1)).endswith("ETA done")
+
+
+def test_blas_kernels_names_what_openblas_chose():
+    """A record names the OpenBLAS kernels (they round differently); OPENBLAS_CORETYPE forces them."""
+    if evaluation.blas_kernels() is None:
+        pytest.skip("NumPy is not linked to OpenBLAS here")
+    code = "import numpy; from microtrain.evaluation import blas_kernels; print(blas_kernels())"
+    forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**os.environ, "OPENBLAS_CORETYPE": "Sandybridge"}).stdout.strip()
+    assert forced == "Sandybridge"

@@ -239,18 +239,10 @@ THREAD_ENV = ("OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "M
 
 def _openblas_threads():
     """(threads, library file) of the OpenBLAS NumPy loaded, asked through its C API."""
-    import ctypes
+    from microtrain.evaluation import openblas
 
-    with open("/proc/self/maps") as f:
-        paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
-    for path in sorted(paths):
-        lib = ctypes.CDLL(path)
-        for sym in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
-                    "openblas_get_num_threads64_", "openblas_get_num_threads"):
-            fn = getattr(lib, sym, None)
-            if fn is not None:
-                return int(fn()), os.path.basename(path)
-    return None, None
+    return openblas(("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads",
+                     "openblas_get_num_threads64_", "openblas_get_num_threads"))
 
 
 def _compiled_kernels():
