@@ -276,8 +276,6 @@ def resolve_model(spec: str, log=None):
     return model.load(backbone_file(spec, log=log))
 
 
-
-
 def _load_episode(args, resolution: int):
     if args.support:
         episode, source = from_folders(args.support, args.query), f"{args.support} | {args.query}"
