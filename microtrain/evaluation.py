@@ -21,6 +21,7 @@ thread settings must be in place before NumPy (OpenBLAS) and Numba load.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import math
@@ -696,8 +697,6 @@ def openblas(symbols: tuple[str, ...], restype=None):
     """(what the first of ``symbols`` exported by the OpenBLAS that NumPy loaded returns, that
     library's file name), or (None, None) when none is found (another BLAS, or not Linux: the
     library is found through /proc/self/maps). ``restype``: a ctypes type (default int)."""
-    import ctypes
-
     try:
         with open("/proc/self/maps") as f:
             paths = {line.split()[-1] for line in f if "openblas" in line.lower() and "/" in line}
@@ -719,8 +718,6 @@ def blas_kernels() -> str | None:
     overrides), or None with another BLAS. NumPy's matmul (the pointwise kernels) runs on them, and
     they round differently: the default run's query accuracy is 78% with 'SkylakeX', 77% with
     'Haswell' on one machine."""
-    import ctypes
-
     core, _ = openblas(("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
                         "openblas_get_corename"), ctypes.c_char_p)
     return core.decode() if core else None
