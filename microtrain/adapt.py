@@ -120,6 +120,18 @@ def finite_float(low: float, *, strict: bool = True, high: float | None = None):
     return number
 
 
+def seed(text: str) -> int:
+    """An argparse type: a seed, an integer >= 0 (NumPy's ``default_rng`` takes no negative one), so
+    ``--seed -1`` is refused while the options are parsed (one line, exit status 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return value
+
+
 class _Explicit(argparse.Action):
     """Store the value and remember that the user gave the option (``args.explicit``), so that
     options that do not apply can be refused or flagged while defaults stay plain values."""
@@ -153,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="query images per class (default %(default)s)")
     g.add_argument("--sampler", choices=("fixed", "metadataset"), default="fixed", action=_Explicit,
                    help="fixed way/shot, or the Meta-Dataset sampler of the paper's Appendix B (default %(default)s)")
-    g.add_argument("--seed", type=int, default=0, action=_Explicit, help="episode seed (default %(default)s)")
+    g.add_argument("--seed", type=seed, default=0, action=_Explicit, help="episode seed (default %(default)s)")
     g = p.add_argument_group("method and budgets")
     g.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
-                   help="default %(default)s: the most accurate method within both budgets on validation episodes "
-                        "(without a MAC budget, sparseupdate was more accurate: README)")
+                   help="default %(default)s: the most accurate method within both budgets on validation and "
+                        "evaluation episodes (without a MAC budget, sparseupdate was more accurate: README)")
     g.add_argument("--mem-budget", default="512KB", action=_Explicit,
                    help="backward memory budget: weights updated + gradients + optimizer state + "
                         "activations kept for backward (default %(default)s; TinyTrain methods only)")
@@ -177,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default %(default)s")
     g.add_argument("--scale", type=finite_float(0), default=d.scale, help="cosine logit scale (default %(default)s)")
     g.add_argument("--batch", type=int, default=d.batch, help="pseudo-queries per step (default %(default)s)")
-    g.add_argument("--train-seed", type=int, default=d.seed,
+    g.add_argument("--train-seed", type=seed, default=d.seed,
                    help="augmentation, order and held-out split seed (default %(default)s)")
     g.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True,
                    help="hold out a fifth of each class's support images, train on the rest, and keep the "

@@ -107,7 +107,7 @@ PROTOCOL_TEXT = {
 def add_settings_options(parser: argparse.ArgumentParser) -> None:
     """The protocol, episode, budget and fine-tuning options of ``run`` (read back by
     ``settings_of``). Options a preset sets default to None until ``apply_protocol``."""
-    from .adapt import finite_float  # lazy: loads NumPy (module docstring)
+    from .adapt import finite_float, seed  # lazy: loads NumPy (module docstring)
     from .train import FinetuneConfig  # lazy: as above
 
     d = FinetuneConfig()
@@ -149,7 +149,7 @@ def add_settings_options(parser: argparse.ArgumentParser) -> None:
                    help="pseudo-queries per step: one for every method, or with per-method values "
                         "(1,fulltrain=100); a batch larger than an episode's support set is the whole set. "
                         f"Default: quick {q['batch']}, paper {p['batch']}")
-    g.add_argument("--train-seed", type=int, default=d.seed,
+    g.add_argument("--train-seed", type=seed, default=d.seed,
                    help="augmentation/order seed of fine-tuning (default %(default)s)")
 
 

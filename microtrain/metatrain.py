@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapt import UsageError, exit_status, resolve_model
+from .adapt import OneLineParser, UsageError, exit_status, resolve_model, seed
 from .autograd import Executor
 from .checkpoint import CheckpointError, save_weights
 from .data import DataError, augment, open_dataset, to_input
@@ -264,7 +264,7 @@ def check_state_arrays(path: Path, kind: str, arrays: dict[str, np.ndarray],
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m microtrain.metatrain`` (its --help lists every setting)."""
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m microtrain.metatrain",
         description="Few-shot meta-training of a backbone on MiniImageNet ProtoNet episodes (the paper's "
                     "offline stage). Resumable: run the same command again after an interruption.")
@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=int, default=d.episodes, help=f"training episodes (default {d.episodes})")
     p.add_argument("--out", required=True, help="the meta-trained weight file (.npz); the run state is "
                    "kept beside it as <name>.state.npz")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=seed, default=d.seed, help="episode and augmentation seed, >= 0 "
+                   f"(default {d.seed})")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help="episodes between meta-validation + checkpoint")
     p.add_argument("--lr", type=float, default=d.peak_lr, help=f"peak learning rate (default {d.peak_lr})")

@@ -59,6 +59,9 @@ def no_shared(tmp_path, monkeypatch):
     (["--scale", "0"], "argument --scale: must be a finite number > 0, got 0"),
     (["--way", "two"], "argument --way: invalid int value: 'two'"),
     (["--batch", "0"], "--batch must be >= 1"),
+    # NumPy's default_rng takes no negative seed: this was a 30-line traceback, exit 1
+    (["--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),
+    (["--train-seed", "-1"], "argument --train-seed: must be an integer >= 0, got -1"),
     (["--model", "resnet50"], "not a known backbone"),
     (["--model", "{tmp}/missing.npz"], "no such file"),
     (["--mem-budget", "lots"], "cannot read 'lots' as a byte count"),

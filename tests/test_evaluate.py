@@ -448,6 +448,7 @@ def test_protocol_presets():
     (["--scale", "0"], "argument --scale: must be a finite number > 0, got 0"),
     (["--mac-budget", "15%ofall"], "cannot read '15%ofall' as a MAC budget"),
     (["--protocol", "exact"], "invalid choice"),
+    (["--train-seed", "-1"], "argument --train-seed: must be an integer >= 0, got -1"),
 ])
 def test_bad_per_method_options_are_one_line(inputs, tmp_path, capsys, extra, message):
     weights, data = inputs

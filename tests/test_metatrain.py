@@ -165,10 +165,16 @@ def test_output_records_its_provenance(source, tmp_path):
     (["--way", "1"], "--way and --val-episodes >= 2"),
     (["--val-episodes", "1"], "--way and --val-episodes >= 2"),
     (["--lr", "-1"], "--lr must exceed"),
+    (["--seed", "-1"], "argument --seed: must be an integer >= 0, got -1"),  # was a usage block + error
+    (["--episodes", "many"], "argument --episodes: invalid int value"),
 ])
 def test_bad_arguments_are_one_line_errors(source, tmp_path, capsys, extra, message):
     out = tmp_path / "x.npz"
-    assert mt.main(argv(source, out, *extra)) == 2
+    try:
+        status = mt.main(argv(source, out, *extra))
+    except SystemExit as exc:  # argparse's own errors exit from inside the parser
+        status = exc.code
+    assert status == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and message in err and "\n" not in err
     assert not out.exists() and not mt.state_path(out).exists()
