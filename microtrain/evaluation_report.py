@@ -300,7 +300,8 @@ def write_figure(out: Path, backbone: str, s: dict) -> str | None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("note: matplotlib is not installed: Figure 1 skipped (pip install matplotlib)", file=sys.stderr)
+        print(f"note: matplotlib is not installed: {backbone}'s Figure 1 skipped (pip install matplotlib)",
+              file=sys.stderr)
         return None
     points = [(m, s["costs"][m], s["average"][m][0]) for m in s["methods"]
               if m in s["average"] and m in s["costs"] and s["costs"][m]["backward_macs"] > 0]
