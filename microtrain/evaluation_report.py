@@ -293,6 +293,11 @@ def _label_offsets(points, close_macs: float = 0.2, close_acc: float = 1.5, step
     return offsets
 
 
+def format_ratio(ratio: float) -> str:
+    """A ratio for a figure label, two significant digits: '0.57×', '66×', '597×' (not '6e+02×')."""
+    return f"{ratio:.2g}×" if ratio < 100 else f"{ratio:,.0f}×"
+
+
 def write_figure(out: Path, backbone: str, s: dict) -> str | None:
     """Figure 1: average accuracy against backward MACs; returns the file name, or None (with a note)."""
     try:
@@ -329,7 +334,7 @@ def write_figure(out: Path, backbone: str, s: dict) -> str | None:
         ys.append(100 * a)
         label = f"{m}\n{format_bytes(c['backward_bytes'])}"
         if ref and m != REFERENCE:
-            label += f" ({c['backward_bytes'] / ref:.2g}× mem)"
+            label += f" ({format_ratio(c['backward_bytes'] / ref)} mem)"
         dy = label_dy.get(m, 0.0)
         ax.annotate(label, (c["backward_macs"], 100 * a), textcoords="offset points",
                     xytext=(math.sqrt(size) / 2 + 4, dy), fontsize=8, va="center",

@@ -19,7 +19,7 @@ import pytest
 from conftest import grid_inputs
 from microtrain import evaluate, evaluation, stats
 from microtrain.adapt import resolve_model
-from microtrain.evaluation_report import _label_offsets, write_report
+from microtrain.evaluation_report import _label_offsets, format_ratio, write_report
 from microtrain.stats import t_quantile
 from microtrain.tinytrain import fulltrain_backward_macs
 from microtrain.train import FinetuneConfig
@@ -698,3 +698,8 @@ def test_blas_kernels_names_what_openblas_chose():
     forced = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                             env={**os.environ, "OPENBLAS_CORETYPE": "Sandybridge"}).stdout.strip()
     assert forced == "Sandybridge"
+
+
+def test_figure_labels_give_large_memory_ratios_in_full():
+    """Figure 1 labelled FullTrain's 597x TinyTrain's memory at batch 100 '6e+02x'."""
+    assert [format_ratio(r) for r in (0.567, 2.24, 65.5, 597.4, 1221.3)] == ["0.57×", "2.2×", "66×", "597×", "1,221×"]
